@@ -1,0 +1,45 @@
+"""``fullvq <command> ...``: one entry point; each command lives in the module that does the work.
+
+Also runs as ``python -m fullvq.cli`` (and so under ``accelerate launch -m fullvq.cli``).
+Commands are imported lazily so ``fullvq --help`` stays fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module with `main(argv, prog)`, one-line help)
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("fullvq.demo", "run the built-in offline demo and write its figures"),
+}
+
+
+def _usage() -> str:
+    width = max(len(name) for name in COMMANDS)
+    lines = ["usage: fullvq <command> [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
+    lines += ["", "Run `fullvq <command> --help` for a command's options."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from fullvq import __version__
+
+        print(__version__)
+        return 0
+    command = argv[0]
+    if command not in COMMANDS:
+        print(f"fullvq: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(argv[1:], prog=f"fullvq {command}") or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,217 @@
+"""FVQModel: image -> encoder -> quantizer -> decoder -> image, with a codebook used in full."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.models.autoencoders.vae import Decoder, Encoder
+from diffusers.models.modeling_utils import ModelMixin
+from diffusers.utils import BaseOutput
+from torch import nn
+
+from .quantizers import build_quantizer
+
+# Allowed slack on the [-1, 1] input range (resampling can overshoot slightly).
+_RANGE_TOLERANCE = 1e-3
+
+
+@dataclass
+class FVQModelOutput(BaseOutput):
+    """sample: reconstruction in [-1, 1] (unclamped); indices: code indices; loss: the
+    quantizer's weighted loss; codebook_loss / commitment_loss: its two terms."""
+
+    sample: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+class FVQModel(ModelMixin, ConfigMixin):
+    """A VQ image tokenizer whose quantizer is any registered family (``vq``, ``simvq``, ``lc``,
+    ``fvq``, ``residual``, ``multiscale``).
+
+    The encoder and decoder are diffusers' VQGAN blocks laid out as LlamaGen's VQ models:
+    ``block_out_channels=(128, 128, 256, 256, 512)`` (ch 128, ch_mult 1,1,2,2,4),
+    ``layers_per_block=2``, ``latent_channels=256`` gives VQ-16 (16x downsampling); drop one level
+    for VQ-8. Attention sits in the lowest-resolution level and the mid block. 1x1 convolutions
+    map the latent to ``codebook_dim`` and back, so a low-dim codebook (16384 x 8) factorises it.
+
+    Args:
+        quantizer: registry name of the quantizer family.
+        codebook_size, codebook_dim: K and D.
+        quantizer_kwargs: family settings, e.g. ``{"group_size": 16}`` for fvq,
+            ``{"feature_dim": 768}`` for lc, ``{"base": "fvq", "num_quantizers": 4}`` for residual.
+    """
+
+    @register_to_config
+    def __init__(
+        self,
+        in_channels: int = 3,
+        out_channels: int = 3,
+        sample_size: int = 256,
+        block_out_channels: tuple[int, ...] = (128, 128, 256, 256, 512),
+        layers_per_block: int = 2,
+        latent_channels: int = 256,
+        norm_num_groups: int = 32,
+        quantizer: str = "fvq",
+        codebook_size: int = 16384,
+        codebook_dim: int = 256,
+        quantizer_kwargs: dict | None = None,
+    ):
+        super().__init__()
+        block_out_channels = tuple(block_out_channels)
+        bad = [c for c in block_out_channels if c % norm_num_groups]
+        if bad:
+            raise ValueError(
+                f"block_out_channels {bad} are not divisible by norm_num_groups={norm_num_groups}; "
+                f"use multiples of {norm_num_groups} or lower norm_num_groups"
+            )
+        levels = len(block_out_channels)
+        self.encoder = Encoder(
+            in_channels=in_channels,
+            out_channels=latent_channels,
+            down_block_types=("DownEncoderBlock2D",) * (levels - 1) + ("AttnDownEncoderBlock2D",),
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+            double_z=False,
+        )
+        self.quant_conv = nn.Conv2d(latent_channels, codebook_dim, 1)
+        # Named `quantize` as in diffusers' VQModel and LlamaGen (`quantizer` is the config's family name).
+        self.quantize = build_quantizer(
+            quantizer, codebook_size=codebook_size, codebook_dim=codebook_dim, **(quantizer_kwargs or {})
+        )
+        self.post_quant_conv = nn.Conv2d(codebook_dim, latent_channels, 1)
+        self.decoder = Decoder(
+            in_channels=latent_channels,
+            out_channels=out_channels,
+            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (levels - 1),
+            block_out_channels=block_out_channels,
+            layers_per_block=layers_per_block,
+            norm_num_groups=norm_num_groups,
+        )
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, strict: bool = True, **kwargs):
+        """Load a folder written by ``save_pretrained`` (or a hub id).
+
+        Unlike diffusers' default, weights that are missing, unexpected or of the wrong shape are an
+        error (``strict=False`` keeps diffusers' behaviour of initialising them randomly).
+        """
+        if not strict:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        return_info = kwargs.pop("output_loading_info", False)
+        try:
+            model, info = super().from_pretrained(
+                pretrained_model_name_or_path, *args, output_loading_info=True, **kwargs
+            )
+        except ValueError as error:
+            if "expected shape" not in str(error):
+                raise
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not fit its config.json ({error}); "
+                "config.json and the safetensors file come from different models: re-save with save_pretrained"
+            ) from None
+        problems = {key: info[key] for key in ("missing_keys", "unexpected_keys", "mismatched_keys") if info.get(key)}
+        if problems:
+            listing = "; ".join(f"{key}: {sorted(map(str, value))[:10]}" for key, value in problems.items())
+            raise ValueError(
+                f"the weights in {pretrained_model_name_or_path} do not match its config.json ({listing}); "
+                "re-save the model with save_pretrained, or pass strict=False to initialise them randomly"
+            )
+        return (model, info) if return_info else model
+
+    @property
+    def downsample_factor(self) -> int:
+        return 2 ** (len(self.config.block_out_channels) - 1)
+
+    def latent_grid(self, height: int | None = None, width: int | None = None) -> tuple[int, int]:
+        """Token grid (h, w) for an image of the given size (default ``sample_size``)."""
+        height = height or self.config.sample_size
+        width = width or self.config.sample_size
+        return height // self.downsample_factor, width // self.downsample_factor
+
+    def _check_images(self, images: torch.Tensor) -> None:
+        if not isinstance(images, torch.Tensor):
+            raise TypeError(f"images must be a torch.Tensor of shape (B, C, H, W), got {type(images).__name__}")
+        channels = self.config.in_channels
+        if images.ndim != 4 or images.shape[1] != channels:
+            raise ValueError(
+                f"images must have shape (B, {channels}, H, W), got {tuple(images.shape)}; "
+                + ("add a batch dimension with images[None]" if images.ndim == 3 else
+                   f"convert to {channels} channels (e.g. PIL .convert('RGB'))")
+            )
+        if not images.dtype.is_floating_point:
+            raise TypeError(
+                f"images must be floating point in [-1, 1], got {images.dtype}; "
+                "convert uint8 with images.float() / 127.5 - 1"
+            )
+        factor = self.downsample_factor
+        if images.shape[-2] % factor or images.shape[-1] % factor:
+            raise ValueError(
+                f"image size {tuple(images.shape[-2:])} is not divisible by the downsample factor {factor}; "
+                f"resize or crop to a multiple of {factor}"
+            )
+        low, high = torch.aminmax(images.detach())
+        if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
+            raise ValueError(
+                f"images must lie in [-1, 1], got values in [{float(low):.3f}, {float(high):.3f}]; "
+                "map [0, 1] images with x * 2 - 1 and uint8 ones with x / 127.5 - 1"
+            )
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Continuous latents (B, codebook_dim, h, w) before quantization."""
+        self._check_images(images)
+        return self.quant_conv(self.encoder(images))
+
+    def decode(self, quantized: torch.Tensor) -> torch.Tensor:
+        """Images (B, C, H, W) from a quantized latent map (B, codebook_dim, h, w)."""
+        return self.decoder(self.post_quant_conv(quantized))
+
+    def forward(self, images: torch.Tensor, return_dict: bool = True) -> FVQModelOutput | tuple:
+        """Reconstruct ``images`` (float in [-1, 1], (B, C, H, W))."""
+        out = self.quantize(self.encode(images))
+        result = FVQModelOutput(
+            sample=self.decode(out.quantized),
+            indices=out.indices,
+            loss=out.loss,
+            codebook_loss=out.codebook_loss,
+            commitment_loss=out.commitment_loss,
+        )
+        return result if return_dict else result.to_tuple()
+
+    @torch.no_grad()
+    def encode_indices(self, images: torch.Tensor) -> torch.Tensor:
+        """Code indices of ``images``: (B, h, w) long for single-codebook quantizers."""
+        return self.quantize(self.encode(images)).indices
+
+    @torch.no_grad()
+    def decode_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Images in [-1, 1] from code indices as returned by ``encode_indices``."""
+        return self.decode(self.quantize.lookup(indices.to(self.device))).clamp(-1, 1)
+
+    @torch.no_grad()
+    def export_plain(self) -> "FVQModel":
+        """The same tokenizer with the mapped codebook C_hat = f(C) baked into a plain ``vq`` table.
+
+        The projector / VQBridge is dropped; indices and decoded images are unchanged. The result
+        saves and loads as an ordinary ``quantizer="vq"`` model (what generators and converters
+        need, and the fastest one at inference).
+        """
+        plain_quantizer = self.quantize.export_plain()
+        config = dict(self.config)
+        config["quantizer"] = plain_quantizer.build_name
+        config["quantizer_kwargs"] = {
+            k: v for k, v in plain_quantizer.build_config.items() if k not in ("codebook_size", "codebook_dim")
+        }
+        plain = type(self).from_config(config)
+        state = {k: v for k, v in self.state_dict().items() if not k.startswith("quantize.")}
+        state.update({f"quantize.{k}": v for k, v in plain_quantizer.state_dict().items()})
+        plain.load_state_dict(state)
+        plain.to(self.device)
+        if plain.dtype != self.dtype:
+            plain.to(self.dtype)
+        return plain.train(self.training)

@@ -1,0 +1,271 @@
+"""What every quantizer shares: chunked nearest-code search, straight-through, VQ losses, usage.
+
+A quantizer maps a channel-first latent map ``z`` of shape ``(B, D, H, W)`` to a
+``QuantizerOutput``: the straight-through quantized map, the code indices and its losses.
+Families differ only in how they produce the effective codebook ``C_hat`` (``codebook()``):
+a learnable table (``vq``), a map over a frozen table (``simvq``, ``lc``) or VQBridge (``fvq``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Largest (tokens x codes) block of distances held at once: 2**24 float32 = 64 MiB.
+DEFAULT_MAX_BLOCK_ELEMENTS = 2**24
+
+
+@dataclass
+class QuantizerOutput:
+    """Result of quantizing a latent map.
+
+    quantized: (B, D, H, W) codes with straight-through gradient to the input.
+    indices: long code indices; (B, H, W) for a single codebook, (B, H, W, Q) for residual
+        quantizers, (B, L) for multi-scale ones.
+    loss: weighted sum ``codebook_weight * codebook_loss + commitment_weight * commitment_loss``.
+    """
+
+    quantized: torch.Tensor
+    indices: torch.Tensor
+    loss: torch.Tensor
+    codebook_loss: torch.Tensor
+    commitment_loss: torch.Tensor
+
+
+@torch.no_grad()
+def nearest_code(
+    z: torch.Tensor,
+    codebook: torch.Tensor,
+    *,
+    token_chunk: int | None = None,
+    code_chunk: int | None = None,
+    max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+) -> torch.Tensor:
+    """Index of the nearest code (squared L2) for every row of ``z``.
+
+    Args:
+        z: (N, D) vectors.
+        codebook: (K, D) codes.
+        token_chunk, code_chunk: block shape; by default at most 4096 tokens and as many codes
+            as fit in ``max_block_elements``.
+
+    Returns:
+        (N,) long tensor equal to ``argmin_k ||z_n - c_k||^2`` (first index on ties).
+
+    Extra memory is bounded by one ``token_chunk x code_chunk`` float32 block plus ``K`` code
+    norms and ``N`` running minima, whatever ``K`` is: the ``N x K`` matrix is never built.
+    ``||z||^2`` is constant per row, so the search minimises ``||c||^2 - 2 z.c`` with one GEMM
+    per block; the search always runs in float32, also under autocast.
+    """
+    if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
+        raise ValueError(
+            f"nearest_code needs z (N, D) and codebook (K, D) with the same D; "
+            f"got {tuple(z.shape)} and {tuple(codebook.shape)}"
+        )
+    num_tokens, num_codes = z.shape[0], codebook.shape[0]
+    indices = torch.empty(num_tokens, dtype=torch.long, device=z.device)
+    if num_tokens == 0:
+        return indices
+    with torch.autocast(device_type=z.device.type, enabled=False):
+        z = z.float()
+        codebook = codebook.float()
+        code_sq = codebook.pow(2).sum(dim=1)
+        token_chunk = token_chunk or min(num_tokens, 4096)
+        code_chunk = code_chunk or max(1, min(num_codes, max_block_elements // token_chunk))
+        block = torch.empty(token_chunk, code_chunk, dtype=torch.float32, device=z.device)
+        for t0 in range(0, num_tokens, token_chunk):
+            z_chunk = z[t0 : t0 + token_chunk]
+            best = torch.full((z_chunk.shape[0],), math.inf, device=z.device)
+            best_index = indices[t0 : t0 + token_chunk]
+            for k0 in range(0, num_codes, code_chunk):
+                c_chunk = codebook[k0 : k0 + code_chunk]
+                out = block[: z_chunk.shape[0], : c_chunk.shape[0]]
+                torch.addmm(code_sq[k0 : k0 + code_chunk], z_chunk, c_chunk.t(), alpha=-2.0, out=out)
+                value, index = out.min(dim=1)
+                # Strict '<' keeps the earlier code on ties, as a full argmin does.
+                better = value < best
+                best = torch.where(better, value, best)
+                best_index.copy_(torch.where(better, index + k0, best_index))
+    return indices
+
+
+def vq_losses(z: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codebook loss (moves codes to the encoder output) and commitment loss (the reverse)."""
+    codebook_loss = F.mse_loss(z_q.float(), z.detach().float())
+    commitment_loss = F.mse_loss(z.float(), z_q.detach().float())
+    return codebook_loss, commitment_loss
+
+
+def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
+    """Forward value ``z_q``, gradient passed to ``z`` unchanged."""
+    return z + (z_q - z).detach()
+
+
+def check_latents(z: torch.Tensor, codebook_dim: int) -> None:
+    if z.ndim != 4 or z.shape[1] != codebook_dim:
+        raise ValueError(
+            f"quantizer expects latents of shape (B, {codebook_dim}, H, W), got {tuple(z.shape)}; "
+            f"project the encoder output to codebook_dim={codebook_dim} channels first"
+        )
+
+
+class CodebookQuantizer(nn.Module):
+    """Base class of single-codebook quantizers.
+
+    Subclasses implement ``codebook()``, the effective (K, D) codebook C_hat used for search and
+    lookup, and may override ``export_plain()``. Everything else is shared.
+    """
+
+    def __init__(
+        self,
+        codebook_size: int,
+        codebook_dim: int,
+        *,
+        codebook_weight: float = 1.0,
+        commitment_weight: float = 0.25,
+        l2_norm: bool = False,
+    ):
+        super().__init__()
+        if codebook_size < 1 or codebook_dim < 1:
+            raise ValueError(
+                f"codebook_size and codebook_dim must be positive, got {codebook_size} and {codebook_dim}"
+            )
+        self.codebook_size = codebook_size
+        self.codebook_dim = codebook_dim
+        self.codebook_weight = codebook_weight
+        self.commitment_weight = commitment_weight
+        self.l2_norm = l2_norm
+
+    def codebook(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def common_config(self) -> dict:
+        """The settings every family shares (kept when exporting to a plain codebook)."""
+        return {
+            "codebook_weight": self.codebook_weight,
+            "commitment_weight": self.commitment_weight,
+            "l2_norm": self.l2_norm,
+        }
+
+    def _normalize(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(x, dim=-1) if self.l2_norm else x
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Hard quantization without straight-through.
+
+        Returns ``(target, z_q, indices)``: the latents as searched ((B, D, H, W), l2-normalised
+        when ``l2_norm``), the selected codes (differentiable w.r.t. the codebook) and (B, H, W)
+        indices. Wrappers (residual, multi-scale) build on this.
+        """
+        check_latents(z, self.codebook_dim)
+        b, d, h, w = z.shape
+        flat = self._normalize(z.permute(0, 2, 3, 1).reshape(-1, d))
+        codebook = self.codebook()
+        indices = nearest_code(flat, codebook)
+        z_q = F.embedding(indices, codebook).to(flat.dtype)
+        to_map = lambda x: x.reshape(b, h, w, d).permute(0, 3, 1, 2)  # noqa: E731
+        return to_map(flat), to_map(z_q), indices.reshape(b, h, w)
+
+    def forward(self, z: torch.Tensor) -> QuantizerOutput:
+        target, z_q, indices = self.quantize(z)
+        codebook_loss, commitment_loss = vq_losses(target, z_q)
+        return QuantizerOutput(
+            quantized=straight_through(target, z_q),
+            indices=indices,
+            loss=self.codebook_weight * codebook_loss + self.commitment_weight * commitment_loss,
+            codebook_loss=codebook_loss,
+            commitment_loss=commitment_loss,
+        )
+
+    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
+        """Codes for (B, H, W) indices, as a (B, D, H, W) map."""
+        check_indices(indices, self.codebook_size)
+        return F.embedding(indices.long(), self.codebook()).permute(0, 3, 1, 2)
+
+    def export_plain(self) -> "CodebookQuantizer":
+        """A plain ``vq`` quantizer holding ``codebook()`` as its table (no projector)."""
+        from . import build_quantizer
+
+        plain = build_quantizer("vq", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
+                                **self.common_config())
+        with torch.no_grad():
+            plain.embedding.weight.copy_(self.codebook())
+        return plain.to(self.codebook().device)
+
+    def extra_repr(self) -> str:
+        return f"codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, l2_norm={self.l2_norm}"
+
+
+def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
+    if indices.dtype.is_floating_point or indices.dtype == torch.bool:
+        raise TypeError(f"code indices must be an integer tensor, got {indices.dtype}; pass indices.long()")
+    if indices.numel() and (int(indices.min()) < 0 or int(indices.max()) >= codebook_size):
+        raise ValueError(
+            f"code indices must lie in [0, {codebook_size}), got values in "
+            f"[{int(indices.min())}, {int(indices.max())}]; were they made with another codebook?"
+        )
+
+
+class CodebookUsage:
+    """Counts how often each code is selected, over every token it is shown.
+
+    A bincount, never a sample buffer, so usage over an evaluation set is exact. ``all_reduce()``
+    sums the counts of all processes (torch.distributed) before reading figures on many GPUs.
+    """
+
+    def __init__(self, codebook_size: int, device: torch.device | str | None = None):
+        self.codebook_size = codebook_size
+        self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
+
+    def update(self, indices: torch.Tensor) -> None:
+        flat = indices.detach().reshape(-1).to(self.counts.device, torch.long)
+        check_indices(flat, self.codebook_size)
+        self.counts += torch.bincount(flat, minlength=self.codebook_size)
+
+    def all_reduce(self) -> "CodebookUsage":
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(self.counts)
+        return self
+
+    def reset(self) -> None:
+        self.counts.zero_()
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+    @property
+    def used_codes(self) -> int:
+        return int((self.counts > 0).sum())
+
+    @property
+    def dead_codes(self) -> int:
+        return self.codebook_size - self.used_codes
+
+    @property
+    def usage(self) -> float:
+        """Fraction of codes selected at least once."""
+        return self.used_codes / self.codebook_size
+
+    @property
+    def perplexity(self) -> float:
+        """exp(entropy) of the code frequencies: the effective number of codes in use."""
+        total = self.total
+        if total == 0:
+            return 0.0
+        p = self.counts[self.counts > 0].double() / total
+        return float(torch.exp(-(p * p.log()).sum()))
+
+    def summary(self) -> dict[str, float | int]:
+        return {
+            "usage": self.usage,
+            "perplexity": self.perplexity,
+            "used_codes": self.used_codes,
+            "dead_codes": self.dead_codes,
+            "codebook_size": self.codebook_size,
+            "tokens": self.total,
+        }

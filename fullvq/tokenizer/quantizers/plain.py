@@ -1,0 +1,34 @@
+"""``vq``: the plain learnable codebook (VQ-VAE / VQGAN / LlamaGen)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .base import CodebookQuantizer
+
+
+class VectorQuantizer(CodebookQuantizer):
+    """Learnable K x D codebook, initialised uniform(-1/K, 1/K).
+
+    Only the selected codes receive a gradient, which is why most of a large codebook dies.
+    ``l2_norm=True`` with a small ``codebook_dim`` (e.g. 16384 x 8) is LlamaGen's VQ-16: codes and
+    latents are compared on the unit sphere.
+    """
+
+    def __init__(self, codebook_size: int, codebook_dim: int, **kwargs):
+        super().__init__(codebook_size, codebook_dim, **kwargs)
+        self.embedding = nn.Embedding(codebook_size, codebook_dim)
+        nn.init.uniform_(self.embedding.weight, -1.0 / codebook_size, 1.0 / codebook_size)
+
+    def codebook(self) -> torch.Tensor:
+        return self._normalize(self.embedding.weight)
+
+    def export_plain(self) -> "VectorQuantizer":
+        # Copy the raw table: re-normalising an already normalised one could move codes by an ulp.
+        from . import build_quantizer
+
+        plain = build_quantizer("vq", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
+                                **self.common_config())
+        plain.load_state_dict(self.state_dict())
+        return plain.to(self.embedding.weight.device)
