@@ -102,7 +102,7 @@ class FVQModel(ModelMixin, ConfigMixin):
         error (``strict=False`` keeps diffusers' behaviour of initialising them randomly).
         """
         if not strict:
-            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+            return _own_memory(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
         return_info = kwargs.pop("output_loading_info", False)
         try:
             model, info = super().from_pretrained(
@@ -122,6 +122,7 @@ class FVQModel(ModelMixin, ConfigMixin):
                 f"the weights in {pretrained_model_name_or_path} do not match its config.json ({listing}); "
                 "re-save the model with save_pretrained, or pass strict=False to initialise them randomly"
             )
+        model = _own_memory(model)
         return (model, info) if return_info else model
 
     @property
@@ -215,3 +216,18 @@ class FVQModel(ModelMixin, ConfigMixin):
         if plain.dtype != self.dtype:
             plain.to(self.dtype)
         return plain.train(self.training)
+
+
+@torch.no_grad()
+def _own_memory(model):
+    """Copy tensors memory-mapped from the safetensors file into aligned memory of their own.
+
+    Unaligned mmap'd weights take other CPU GEMM kernels (outputs differ in the last bits from the
+    saved model) and would tie the model to a file that a later checkpoint may overwrite.
+    """
+    if isinstance(model, tuple):
+        return (_own_memory(model[0]),) + model[1:]
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu":
+            tensor.data = tensor.data.clone()
+    return model

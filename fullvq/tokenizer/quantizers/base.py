@@ -85,11 +85,20 @@ def nearest_code(
                 c_chunk = codebook[k0 : k0 + code_chunk]
                 out = block[: z_chunk.shape[0], : c_chunk.shape[0]]
                 torch.addmm(code_sq[k0 : k0 + code_chunk], z_chunk, c_chunk.t(), alpha=-2.0, out=out)
-                value, index = out.min(dim=1)
                 # Strict '<' keeps the earlier code on ties, as a full argmin does.
-                better = value < best
-                best = torch.where(better, value, best)
-                best_index.copy_(torch.where(better, index + k0, best_index))
+                if out.is_cuda:
+                    value, index = out.min(dim=1)
+                    better = value < best
+                    best = torch.where(better, value, best)
+                    best_index.copy_(torch.where(better, index + k0, best_index))
+                else:
+                    # On CPU a min without indices is ~3x faster than one with, and after the first
+                    # blocks few rows still improve: take argmin only for those rows.
+                    value = out.amin(dim=1)
+                    rows = (value < best).nonzero().squeeze(1)
+                    if rows.numel():
+                        best_index[rows] = out.index_select(0, rows).argmin(dim=1) + k0
+                        best[rows] = value[rows]
     return indices
 
 

@@ -1,0 +1,185 @@
+import pytest
+import torch
+
+from fullvq.tokenizer.quantizers import QUANTIZERS, CodebookUsage, build_quantizer
+from fullvq.tokenizer.quantizers.bridge import default_group_size
+
+
+def fit_toy(name, steps=300, codebook_size=1024, dim=16, **kwargs):
+    """Fit a quantizer alone (no autoencoder) to fresh Gaussian samples; return usage on new ones."""
+    torch.manual_seed(0)
+    quantizer = build_quantizer(name, codebook_size=codebook_size, codebook_dim=dim, **kwargs)
+    optimizer = torch.optim.Adam(quantizer.parameters(), lr=1e-3)
+    for _ in range(steps):
+        out = quantizer(torch.randn(32, dim, 8, 8))
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+    usage = CodebookUsage(codebook_size)
+    with torch.no_grad():
+        for _ in range(4):
+            usage.update(quantizer(torch.randn(64, dim, 16, 16)).indices)
+    return quantizer, usage
+
+
+def test_plain_vq_leaves_most_codes_dead_while_fvq_uses_nearly_all():
+    _, vq_usage = fit_toy("vq")
+    _, fvq_usage = fit_toy("fvq")
+    assert vq_usage.usage < 0.3, vq_usage.summary()
+    assert fvq_usage.usage > 0.95, fvq_usage.summary()
+    assert fvq_usage.perplexity > 3 * vq_usage.perplexity
+
+
+def test_fvq_gives_every_base_code_a_gradient_and_vq_only_the_selected_ones():
+    fvq, _ = fit_toy("fvq", steps=5, codebook_size=256)
+    assert fvq.bridge.recover.weight.abs().sum() > 0  # the zero-initialised layer has moved
+    fvq.zero_grad()
+    out = fvq(torch.randn(1, 16, 2, 2))  # 4 tokens select at most 4 of 256 codes
+    out.loss.backward()
+    grad_norms = fvq.base_codebook.weight.grad.norm(dim=1)
+    assert (grad_norms > 0).all()
+
+    vq = build_quantizer("vq", codebook_size=256, codebook_dim=16)
+    out = vq(torch.randn(1, 16, 2, 2))
+    out.loss.backward()
+    has_grad = vq.embedding.weight.grad.norm(dim=1) > 0
+    assert torch.equal(has_grad.nonzero().flatten(), out.indices.flatten().unique())
+
+
+def test_fvq_bridge_starts_at_zero_and_only_its_last_layer_learns_at_step_zero():
+    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4)
+    assert torch.count_nonzero(fvq.codebook()) == 0
+    fvq(torch.randn(2, 8, 4, 4)).loss.backward()
+    assert fvq.bridge.recover.weight.grad.abs().sum() > 0
+    assert fvq.bridge.compress.weight.grad.abs().sum() == 0
+    assert fvq.base_codebook.weight.grad.abs().sum() == 0
+
+
+def test_fvq_group_size_defaults_follow_the_paper_and_bad_sizes_are_refused():
+    assert default_group_size(16384) == 16
+    assert default_group_size(65536) == 64
+    assert default_group_size(262144) == 64
+    fvq = build_quantizer("fvq", codebook_size=65536, codebook_dim=8)
+    assert fvq.base_codebook.weight.shape[0] // fvq.group_size == 1024
+    with pytest.raises(ValueError, match="codebook_size=1000 is not divisible by group_size=16"):
+        build_quantizer("fvq", codebook_size=1000, codebook_dim=8)
+    # Any K divisible by G works, not only perfect squares.
+    assert build_quantizer("fvq", codebook_size=1000, codebook_dim=8, group_size=8).codebook().shape == (1000, 8)
+
+
+@pytest.mark.parametrize(
+    "name, kwargs",
+    [
+        ("vq", {}),
+        ("vq", {"l2_norm": True}),
+        ("simvq", {}),
+        ("lc", {"feature_dim": 12}),
+        ("fvq", {"group_size": 8}),
+        ("residual", {"base": "fvq", "num_quantizers": 3, "group_size": 8}),
+        ("residual", {"base": "vq", "num_quantizers": 2}),
+        ("multiscale", {"base": "simvq", "scales": [1, 2, 4]}),
+        ("multiscale", {"base": "fvq", "scales": [1, 2, 3, 4], "group_size": 8}),
+    ],
+)
+def test_every_family_quantizes_looks_up_and_exports_consistently(name, kwargs):
+    quantizer = build_quantizer(name, codebook_size=64, codebook_dim=8, **kwargs)
+    for module in quantizer.modules():
+        if hasattr(module, "load_codebook"):
+            module.load_codebook(torch.randn(64, 12))
+    with torch.no_grad():  # move C_hat away from its zero start
+        for p in quantizer.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    z = torch.randn(3, 8, 4, 4, requires_grad=True)
+    out = quantizer(z)
+    assert out.quantized.shape == z.shape
+    assert out.indices.dtype == torch.long
+    assert torch.isfinite(out.loss)
+    # Straight-through: the gradient reaches the input unchanged (through the normalisation with l2_norm).
+    out.quantized.sum().backward()
+    if kwargs.get("l2_norm"):
+        assert torch.isfinite(z.grad).all() and z.grad.abs().sum() > 0
+    else:
+        assert torch.allclose(z.grad, torch.ones_like(z))
+    # The code map rebuilt from indices is the forward's quantized value.
+    with torch.no_grad():
+        assert torch.allclose(quantizer.lookup(out.indices), out.quantized, atol=1e-5)
+        plain = quantizer.export_plain()
+        assert plain.build_config.get("base", plain.build_name) == "vq"
+        again = plain(z)
+    assert torch.equal(again.indices, out.indices)
+    assert torch.allclose(again.quantized, out.quantized, atol=1e-6)
+
+
+def test_residual_levels_refine_the_reconstruction():
+    torch.manual_seed(0)
+    z = torch.randn(4, 8, 4, 4)
+    errors = []
+    for levels in (1, 2, 4):
+        torch.manual_seed(1)
+        quantizer = build_quantizer("residual", codebook_size=256, codebook_dim=8, num_quantizers=levels)
+        with torch.no_grad():
+            for level in quantizer.levels:
+                level.embedding.weight.normal_()
+            errors.append(float((quantizer(z).quantized - z).pow(2).mean()))
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_usage_counter_reports_exact_figures():
+    usage = CodebookUsage(8)
+    usage.update(torch.tensor([[0, 0, 1], [1, 2, 3]]))
+    usage.update(torch.tensor([3, 3]))
+    assert usage.total == 8
+    assert usage.used_codes == 4 and usage.dead_codes == 4 and usage.usage == 0.5
+    assert usage.counts.tolist() == [2, 2, 1, 3, 0, 0, 0, 0]
+    p = torch.tensor([2, 2, 1, 3], dtype=torch.float64) / 8
+    assert usage.perplexity == pytest.approx(float(torch.exp(-(p * p.log()).sum())))
+    uniform = CodebookUsage(4)
+    uniform.update(torch.arange(4).repeat(10))
+    assert uniform.perplexity == pytest.approx(4.0) and uniform.usage == 1.0
+    assert usage.all_reduce() is usage  # no process group: a no-op
+    with pytest.raises(ValueError, match=r"\[0, 8\)"):
+        usage.update(torch.tensor([8]))
+    usage.reset()
+    assert usage.total == 0 and usage.perplexity == 0.0
+
+
+def test_bad_settings_name_the_problem():
+    with pytest.raises(ValueError, match="unknown quantizer 'vqq'; choose one of"):
+        build_quantizer("vqq", codebook_size=8, codebook_dim=4)
+    with pytest.raises(TypeError, match="bad settings for quantizer 'vq'.*group_size"):
+        build_quantizer("vq", codebook_size=8, codebook_dim=4, group_size=2)
+    with pytest.raises(ValueError, match=r"\(B, 4, H, W\), got \(8, 5, 4, 4\)"):
+        build_quantizer("vq", codebook_size=8, codebook_dim=4)(torch.randn(8, 5, 4, 4))
+    with pytest.raises(ValueError, match="scales end at 4 but the latent grid is 8x8"):
+        build_quantizer("multiscale", codebook_size=8, codebook_dim=4, scales=[1, 2, 4])(torch.randn(1, 4, 8, 8))
+    with pytest.raises(ValueError, match="l2_norm"):
+        build_quantizer("residual", codebook_size=8, codebook_dim=4, l2_norm=True)
+    with pytest.raises(TypeError, match="integer"):
+        build_quantizer("vq", codebook_size=8, codebook_dim=4).lookup(torch.zeros(1, 2, 2))
+
+
+def test_lc_codebook_is_loaded_checked_and_required(tmp_path):
+    from safetensors.torch import save_file
+
+    lc = build_quantizer("lc", codebook_size=32, codebook_dim=8, feature_dim=12)
+    with pytest.raises(RuntimeError, match="load_codebook"):
+        lc(torch.randn(1, 8, 2, 2))
+    centres = torch.randn(32, 12)
+    save_file({"codebook": centres}, tmp_path / "codebook.safetensors")
+    torch.save({"codebook": centres}, tmp_path / "codebook.pt")
+    for path in (tmp_path / "codebook.safetensors", tmp_path / "codebook.pt"):
+        lc.load_codebook(path)
+        assert torch.equal(lc.frozen_codebook, centres)
+    assert not lc.frozen_codebook.requires_grad
+    assert lc(torch.randn(1, 8, 2, 2)).indices.shape == (1, 2, 2)
+    with pytest.raises(ValueError, match=r"shape \(32, 10\), expected \(32, 12\).*feature_dim=10"):
+        lc.load_codebook(torch.randn(32, 10))
+    with pytest.raises(FileNotFoundError, match="init-codebook"):
+        lc.load_codebook(tmp_path / "missing.safetensors")
+    save_file({"a": centres, "b": centres.clone()}, tmp_path / "two.safetensors")
+    with pytest.raises(KeyError, match="'codebook'"):
+        lc.load_codebook(tmp_path / "two.safetensors")
+
+
+def test_registry_lists_every_family():
+    assert set(QUANTIZERS) == {"vq", "simvq", "lc", "fvq", "residual", "multiscale"}
