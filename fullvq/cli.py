@@ -12,6 +12,8 @@ import sys
 # command -> (module with `main(argv, prog)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("fullvq.demo", "run the built-in offline demo and write its figures"),
+    "train-tokenizer": ("fullvq.tokenizer.train", "train an image tokenizer from a YAML recipe"),
+    "init-codebook": ("fullvq.tokenizer.codebook_init", "k-means codebook for the lc quantizer from a pretrained vision encoder"),
 }
 
 

@@ -434,13 +434,16 @@ class TokenizerLoss(nn.Module):
         return total, {name: value.detach() for name, value in logs.items()}
 
     def discriminator_loss(
-        self, images: torch.Tensor, reconstructions: torch.Tensor, step: int
+        self, images: torch.Tensor, reconstructions: torch.Tensor, step: int, discriminator: nn.Module | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The discriminator's loss on real ``images`` and detached ``reconstructions``.
 
         Before ``gan_start_step`` (or with no discriminator) the discriminator is not run at all
         (its BatchNorm statistics stay put) and the loss is a constant zero that needs no backward:
         check ``gan_active(step)`` and skip the discriminator's optimizer step.
+
+        ``discriminator`` runs instead of ``self.discriminator`` when given: the DDP-wrapped copy of
+        it, so its gradients are synchronised (the generator pass needs no synchronisation).
 
         Returns:
             ``(loss, logs)``, logs with ``discriminator_loss``, ``logits_real`` and ``logits_fake``
@@ -449,8 +452,9 @@ class TokenizerLoss(nn.Module):
         if not self.gan_active(step):
             zero = torch.zeros((), device=images.device)
             return zero, {"discriminator_loss": zero, "logits_real": zero, "logits_fake": zero}
-        logits_real = self.discriminator(images.detach().contiguous())
-        logits_fake = self.discriminator(reconstructions.detach().contiguous())
+        discriminator = discriminator if discriminator is not None else self.discriminator
+        logits_real = discriminator(images.detach().contiguous())
+        logits_fake = discriminator(reconstructions.detach().contiguous())
         with _float32(images.device.type):
             loss = self.gan_weight * _DISCRIMINATOR_LOSSES[self.gan_loss](logits_real, logits_fake)
             logs = {
