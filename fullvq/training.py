@@ -389,24 +389,31 @@ class Trainer:
             self.ema.optimization_step = int(state["ema_optimization_step"])
 
     # -- the loop
-    def fit(self) -> dict:
-        """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON)."""
+    def prepare(self) -> None:
+        """Wrap the stage's models and optimisers for the devices (DDP, mixed precision), set up EMA
+        and restore the checkpoint to resume from. ``fit`` calls it; benchmarks call it alone."""
         from diffusers.training_utils import EMAModel
 
-        c, acc, stage = self.config, self.accelerator, self.stage
-        if self.is_main:
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            dump_config(self.full_config, self.output_dir / "config.yaml")
+        acc, stage = self.accelerator, self.stage
         names = list(stage.models)
         prepared = acc.prepare(*[stage.models[n] for n in names], *[stage.optimizers[n] for n in names])
         prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
         for i, name in enumerate(names):
             stage.models[name] = prepared[i]
             stage.optimizers[name] = prepared[len(names) + i]
-        self.ema = EMAModel(self._ema_parameters(), decay=c.ema_decay, foreach=True) if c.ema_decay else None
+        decay = self.config.ema_decay
+        self.ema = EMAModel(self._ema_parameters(), decay=decay, foreach=True) if decay else None
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.step}")
+
+    def fit(self) -> dict:
+        """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON)."""
+        c, acc, stage = self.config, self.accelerator, self.stage
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.full_config, self.output_dir / "config.yaml")
+        self.prepare()
         if acc.is_main_process and c.tracker != "none":
             from .config import to_dict
 

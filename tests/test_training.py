@@ -92,7 +92,9 @@ def test_epoch_sampler_shards_disjointly_and_skips():
 
 def test_tiny_tokenizer_trains_on_a_folder_with_a_corrupt_and_a_grayscale_file(tmp_path):
     data = make_image_folder(tmp_path / "images")
-    config = load_config(TokenizerTrainConfig, write_recipe(tmp_path / "r.yaml", recipe(tmp_path, data)))
+    values = recipe(tmp_path, data, tracker="tensorboard")
+    values["loss"] = {"perceptual_weight": 1.0, "perceptual_random_backbone": True, "gan_weight": 0.0}
+    config = load_config(TokenizerTrainConfig, write_recipe(tmp_path / "r.yaml", values))
     with pytest.warns(RuntimeWarning, match="corrupt.png"):
         summary = train_tokenizer(config)
     run = tmp_path / "run"
@@ -107,6 +109,8 @@ def test_tiny_tokenizer_trains_on_a_folder_with_a_corrupt_and_a_grayscale_file(t
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     assert (run / "checkpoint-30" / "config.yaml").is_file()
     assert not list(run.glob(".tmp-*"))
+    assert records[-1]["perceptual_loss"] > 0
+    assert list((run / "logs").rglob("events.out.tfevents.*"))  # the tensorboard tracker wrote its log
 
 
 def _train_command(recipe_path: Path, *overrides: str) -> list[str]:
@@ -119,7 +123,9 @@ def _env() -> dict:
 
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=8)
-    values = recipe(tmp_path, data, max_steps=16, checkpoint_every=4, ema_decay=0.99, log_every=4)
+    values = recipe(tmp_path, data, max_steps=16, checkpoint_every=4, ema_decay=0.99, log_every=4,
+                    gradient_accumulation_steps=2)
+    values["loss"] = {"perceptual_weight": 0.0, "gan_weight": 0.5, "gan_start_step": 6}  # D and its optimiser resume too
     path = write_recipe(tmp_path / "r.yaml", values)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     subprocess.run(_train_command(path, f"train.output_dir={straight}"), env=_env(), check=True,
@@ -152,6 +158,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path
 def test_two_cpu_processes_shard_data_reduce_usage_and_stay_in_sync(tmp_path):
     data = make_image_folder(tmp_path / "images", per_class=8)  # 16 readable + 1 corrupt + 1 gray = 18
     values = recipe(tmp_path, data, max_steps=None, epochs=2, log_every=1, checkpoint_every=100)
+    values["loss"] = {"perceptual_weight": 0.0, "gan_weight": 0.5, "gan_start_step": 2}  # a DDP discriminator too
     path = write_recipe(tmp_path / "r.yaml", values)
     env = dict(_env(), ACCELERATE_USE_CPU="true", MASTER_PORT="29517")
     command = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
@@ -165,6 +172,7 @@ def test_two_cpu_processes_shard_data_reduce_usage_and_stay_in_sync(tmp_path):
     assert summary["steps"] == 4
     first, second = summary["parameter_checksums"]
     assert first == pytest.approx(second, abs=0, rel=0)
+    assert metrics(tmp_path / "run")[-1]["discriminator_loss"] > 0
     for record in metrics(tmp_path / "run"):
         assert record["usage_tokens"] == 2 * 4 * 8 * 8  # both ranks' tokens, summed
 
@@ -214,3 +222,29 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_p
     run = tmp_path / "run"
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-5"]
     assert not (run / "model").exists()
+
+
+@pytest.mark.parametrize("recipe_path", sorted((REPO / "configs" / "tokenizer").glob("*.yaml")), ids=lambda p: p.stem)
+def test_every_shipped_tokenizer_recipe_is_valid(recipe_path, monkeypatch):
+    from fullvq import FVQModel
+
+    monkeypatch.chdir(recipe_path.parent)
+    if "lc" in recipe_path.stem:  # its codebook file is made by init-codebook; only the check is exercised
+        with pytest.raises(ConfigError, match="init-codebook"):
+            load_config(TokenizerTrainConfig, recipe_path)
+        config = load_config(TokenizerTrainConfig, recipe_path, ["codebook_path=null", "train.resume=latest"])
+    else:
+        config = load_config(TokenizerTrainConfig, recipe_path)
+    with torch.device("meta"):  # build the real architecture without allocating it
+        model = FVQModel(**config.model)
+    assert model.config.codebook_size == config.model["codebook_size"]
+    assert config.data.resolution % model.downsample_factor == 0
+
+
+def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=4)
+    config = load_config(TokenizerTrainConfig, write_recipe(
+        tmp_path / "r.yaml", recipe(tmp_path, data, max_steps=4, mixed_precision="bf16", log_every=2)))
+    summary = train_tokenizer(config)
+    assert summary["steps"] == 4
+    assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))

@@ -22,11 +22,12 @@ class FVQModelOutput(BaseOutput):
     """sample: reconstruction in [-1, 1] (unclamped); indices: code indices; loss: the
     quantizer's weighted loss; codebook_loss / commitment_loss: its two terms."""
 
-    sample: torch.Tensor
-    indices: torch.Tensor
-    loss: torch.Tensor
-    codebook_loss: torch.Tensor
-    commitment_loss: torch.Tensor
+    # Defaults let accelerate rebuild the output when it casts mixed-precision outputs to float32.
+    sample: torch.Tensor = None
+    indices: torch.Tensor = None
+    loss: torch.Tensor = None
+    codebook_loss: torch.Tensor = None
+    commitment_loss: torch.Tensor = None
 
 
 class FVQModel(ModelMixin, ConfigMixin):
@@ -36,7 +37,8 @@ class FVQModel(ModelMixin, ConfigMixin):
     The encoder and decoder are diffusers' VQGAN blocks laid out as LlamaGen's VQ models:
     ``block_out_channels=(128, 128, 256, 256, 512)`` (ch 128, ch_mult 1,1,2,2,4),
     ``layers_per_block=2``, ``latent_channels=256`` gives VQ-16 (16x downsampling); drop one level
-    for VQ-8. Attention sits in the lowest-resolution level and the mid block. 1x1 convolutions
+    for VQ-8. Attention sits in the mid block and in the levels ``attention_levels`` (default: the
+    lowest-resolution one; taming-VQGAN's ``attn_resolutions`` may name others or none). 1x1 convolutions
     map the latent to ``codebook_dim`` and back, so a low-dim codebook (16384 x 8) factorises it.
 
     Args:
@@ -44,6 +46,8 @@ class FVQModel(ModelMixin, ConfigMixin):
         codebook_size, codebook_dim: K and D.
         quantizer_kwargs: family settings, e.g. ``{"group_size": 16}`` for fvq,
             ``{"feature_dim": 768}`` for lc, ``{"base": "fvq", "num_quantizers": 4}`` for residual.
+        attention_levels: levels (0 = full resolution) whose blocks add self-attention after each
+            resnet, in encoder and decoder alike; ``None`` = the lowest-resolution level only.
     """
 
     @register_to_config
@@ -60,6 +64,7 @@ class FVQModel(ModelMixin, ConfigMixin):
         codebook_size: int = 16384,
         codebook_dim: int = 256,
         quantizer_kwargs: dict | None = None,
+        attention_levels: tuple[int, ...] | None = None,
     ):
         super().__init__()
         block_out_channels = tuple(block_out_channels)
@@ -70,10 +75,18 @@ class FVQModel(ModelMixin, ConfigMixin):
                 f"use multiples of {norm_num_groups} or lower norm_num_groups"
             )
         levels = len(block_out_channels)
+        attention_levels = {levels - 1} if attention_levels is None else {int(i) for i in attention_levels}
+        if not attention_levels <= set(range(levels)):
+            raise ValueError(
+                f"attention_levels {sorted(attention_levels)} must lie in [0, {levels}) (one per entry of "
+                f"block_out_channels); use None for the lowest-resolution level only"
+            )
         self.encoder = Encoder(
             in_channels=in_channels,
             out_channels=latent_channels,
-            down_block_types=("DownEncoderBlock2D",) * (levels - 1) + ("AttnDownEncoderBlock2D",),
+            down_block_types=tuple(
+                "AttnDownEncoderBlock2D" if level in attention_levels else "DownEncoderBlock2D" for level in range(levels)
+            ),
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
@@ -88,7 +101,10 @@ class FVQModel(ModelMixin, ConfigMixin):
         self.decoder = Decoder(
             in_channels=latent_channels,
             out_channels=out_channels,
-            up_block_types=("AttnUpDecoderBlock2D",) + ("UpDecoderBlock2D",) * (levels - 1),
+            up_block_types=tuple(  # up block i works at level levels - 1 - i
+                "AttnUpDecoderBlock2D" if level in attention_levels else "UpDecoderBlock2D"
+                for level in reversed(range(levels))
+            ),
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
             norm_num_groups=norm_num_groups,
