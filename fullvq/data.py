@@ -245,6 +245,15 @@ class StreamingImageDataset(_ImageSource, IterableDataset):
         self.name = name
         self._init_skips()
 
+    def shard(self, rank: int, world_size: int) -> "StreamingImageDataset":
+        """This process's part of the stream (``datasets.distributed.split_dataset_by_node``)."""
+        from datasets.distributed import split_dataset_by_node
+
+        return StreamingImageDataset(
+            split_dataset_by_node(self.table, rank=rank, world_size=world_size), image_column=self.image_column,
+            label_column=self.label_column, transform=self.transform, id2label=self.id2label, name=self.name,
+        )
+
     def shuffle(self, seed: int = 0, buffer_size: int = 1000) -> "StreamingImageDataset":
         """A copy reading the stream through a shuffle buffer (``datasets`` semantics)."""
         return StreamingImageDataset(

@@ -302,8 +302,9 @@ class Trainer:
     def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
         c, acc = self.config, self.accelerator
         if self.streaming:
-            loader = DataLoader(self.dataset, batch_size=c.batch_size, num_workers=c.num_workers, drop_last=True)
-            return loader
+            # A stream is split between processes by the dataset itself (datasets' split_dataset_by_node).
+            stream = self.dataset.shard(acc.process_index, acc.num_processes) if acc.num_processes > 1 else self.dataset
+            return DataLoader(stream, batch_size=c.batch_size, num_workers=c.num_workers, drop_last=True)
         items = SeededItems(self.dataset, c.seed)
         items.epoch = epoch
         sampler = EpochSampler(len(self.dataset), acc.process_index, acc.num_processes, c.seed, epoch,

@@ -128,6 +128,12 @@ def test_streaming_folder_drops_unreadable_files(image_folder, tmp_path):
         items = list(dataset)
     assert len(items) == 9 and dataset.num_skipped == 2
     assert all(item["pixel_values"].shape == (3, RES, RES) for item in items)
+    # Counted in the items too, for DataLoader workers (a bad file after the last good one has no item to ride on).
+    assert 1 <= sum(item["skipped"] for item in items) <= 2
+    with pytest.warns(RuntimeWarning):
+        shards = [[item["pixel_values"] for item in dataset.shard(rank, 2)] for rank in range(2)]
+    assert len(shards[0]) + len(shards[1]) == 9 and shards[0] and shards[1]
+    assert not any(torch.equal(a, b) for a in shards[0] for b in shards[1])  # the processes' parts differ
 
 
 @pytest.mark.filterwarnings("ignore::RuntimeWarning")

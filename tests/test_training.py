@@ -248,3 +248,13 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
     summary = train_tokenizer(config)
     assert summary["steps"] == 4
     assert all(np.isfinite(r["loss"]) for r in metrics(tmp_path / "run"))
+
+
+def test_a_streaming_source_trains_by_steps(tmp_path):
+    data = make_image_folder(tmp_path / "images", per_class=4)
+    values = recipe(tmp_path, data, max_steps=3, log_every=1)
+    values["data"]["streaming"] = True
+    config = load_config(TokenizerTrainConfig, write_recipe(tmp_path / "r.yaml", values))
+    with pytest.warns(RuntimeWarning, match="corrupt.png"):
+        assert train_tokenizer(config)["steps"] == 3
+    assert [r["usage_tokens"] for r in metrics(tmp_path / "run")] == [4 * 8 * 8] * 3

@@ -70,6 +70,7 @@ class TokenizerStage(TrainingStage):
             self.models["discriminator"] = self.loss_fn.discriminator
             self.optimizers["discriminator"] = trainer.adam(self.loss_fn.discriminator.parameters())
         self.usage = CodebookUsage(model.config.codebook_size, device=device)
+        self.last_usage: CodebookUsage | None = None  # the counts of the last log window, for the PNG
         self.skipped = 0.0
         # A fixed set of training images (un-augmented order, seeded crops) for the reconstruction grids.
         count = min(config.num_samples, len(dataset)) if hasattr(dataset, "__len__") else 0
@@ -113,13 +114,15 @@ class TokenizerStage(TrainingStage):
         skipped = torch.tensor([self.skipped], device=self.usage.counts.device)
         figures["skipped_images"] = float(self.trainer.accelerator.reduce(skipped, "sum"))
         self.skipped = 0.0
-        if self.trainer.is_main:
-            write_usage_histogram(self.usage, self.trainer.output_dir / "usage" / f"step-{step}.png", step)
+        self.last_usage = CodebookUsage(self.usage.codebook_size)
+        self.last_usage.counts = self.usage.counts.cpu().clone()
         self.usage.reset()
         return figures
 
     @torch.no_grad()
     def write_samples(self, step: int, folder: Path) -> None:
+        if self.last_usage is not None:
+            write_usage_histogram(self.last_usage, self.trainer.output_dir / "usage" / f"step-{step}.png", step)
         if self.sample_images is None:
             return
         model = self.trainer.accelerator.unwrap_model(self.models["model"])
