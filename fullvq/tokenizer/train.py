@@ -32,11 +32,18 @@ class DataConfig:
 
 
 @dataclass
+class TokenizerTrainSettings(TrainConfig):
+    """``TrainConfig`` with the tokenizer's defaults (FVQ's schedule, global batch 128 reference)."""
+
+    output_dir: str = "runs/tokenizer"
+
+
+@dataclass
 class TokenizerTrainConfig:
     model: dict = field(default_factory=dict)
     loss: dict = field(default_factory=dict)
     data: DataConfig = field(default_factory=DataConfig)
-    train: TrainConfig = field(default_factory=lambda: TrainConfig(output_dir="runs/tokenizer", max_steps=1000))
+    train: TokenizerTrainSettings = field(default_factory=lambda: TokenizerTrainSettings(max_steps=1000))
     codebook_path: str | None = None  # lc: k-means centres (fullvq init-codebook) for the frozen codebook
     num_samples: int = 8  # images in each reconstruction grid
 
