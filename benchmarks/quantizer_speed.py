@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-FAMILIES = ("full-matrix", "vq", "simvq", "lc", "fvq")
+FAMILIES = ("search", "full-matrix", "vq", "simvq", "lc", "fvq")  # "search": nearest_code alone
 
 
 def _rss_bytes() -> int:
@@ -51,7 +51,15 @@ def measure(family: str, num_codes: int, tokens: int, dim: int, device: str, rep
     torch.manual_seed(0)
     side = int(tokens**0.5)
     z = torch.randn(tokens // (side * side), dim, side, side, device=device, requires_grad=True)
-    if family == "full-matrix":
+    if family == "search":
+        from fullvq.tokenizer.quantizers import nearest_code
+
+        codebook = torch.randn(num_codes, dim, device=device)
+        flat = z.detach().permute(0, 2, 3, 1).reshape(-1, dim).contiguous()
+
+        def step():
+            nearest_code(flat, codebook)
+    elif family == "full-matrix":
         codebook = torch.nn.Parameter(torch.randn(num_codes, dim, device=device))
 
         def step():

@@ -11,14 +11,14 @@ import sys
 
 # command -> (module with `main(argv, prog)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "sample": ("fullvq.sample", "generate images from a pipeline folder"),
     "demo": ("fullvq.demo", "run the built-in offline demo and write its figures"),
     "train-tokenizer": ("fullvq.tokenizer.train", "train an image tokenizer from a YAML recipe"),
     "init-codebook": ("fullvq.tokenizer.codebook_init", "k-means codebook for the lc quantizer from a pretrained vision encoder"),
     "cache-tokens": ("fullvq.generator.cache_tokens", "encode a dataset into token shards with a trained tokenizer"),
     "train-generator": ("fullvq.generator.train", "train the class-conditional GPT on cached tokens from a YAML recipe"),
-    "convert": ("fullvq.convert", "convert LlamaGen / FVQ / VQGAN-LC checkpoints into fullvq folders"),
+    "sample": ("fullvq.sample", "generate images from a pipeline folder"),
     "eval": ("fullvq.eval.cli", "rFID / gFID and reconstruction metrics, offline-capable"),
+    "convert": ("fullvq.convert", "convert LlamaGen / FVQ / VQGAN-LC checkpoints into fullvq folders"),
 }
 
 

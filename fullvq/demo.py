@@ -43,8 +43,8 @@ class DemoSize:
     fid_images: int
 
 
-FULL = DemoSize(tokenizer_steps=800, tokenizer_channels=(32, 64, 64), gpt_steps=1500, gpt_width=128, gpt_layers=4,
-                classifier_steps=400, samples_per_class=50, fid_images=500)
+FULL = DemoSize(tokenizer_steps=600, tokenizer_channels=(16, 32, 64), gpt_steps=2000, gpt_width=128, gpt_layers=3,
+                classifier_steps=1000, samples_per_class=50, fid_images=200)
 FAST = DemoSize(tokenizer_steps=12, tokenizer_channels=(16, 32, 32), gpt_steps=12, gpt_width=32, gpt_layers=1,
                 classifier_steps=20, samples_per_class=2, fid_images=20)
 
@@ -63,7 +63,7 @@ def train_demo_tokenizer(out: Path, size: DemoSize, seed: int) -> Path:
     channels = list(size.tokenizer_channels)
     config = build_dataclass(TokenizerTrainConfig, {
         "model": {"sample_size": RESOLUTION, "block_out_channels": channels, "layers_per_block": 1,
-                  "latent_channels": channels[-1] // 2, "norm_num_groups": min(16, channels[0]),
+                  "latent_channels": channels[-1] // 2, "norm_num_groups": 8,
                   "quantizer": "fvq", "codebook_size": 1024, "codebook_dim": 16},
         "loss": {"perceptual_weight": 0.0, "gan_weight": 0.0},  # no VGG / GAN offline: L2 + VQ losses
         "data": {"source": "demo", "resolution": RESOLUTION},
@@ -90,7 +90,7 @@ def train_demo_generator(out: Path, tokenizer_dir: Path, size: DemoSize, seed: i
         "tokens": str(tokens),
         "model": {"hidden_size": size.gpt_width, "num_hidden_layers": size.gpt_layers,
                   "num_attention_heads": max(1, size.gpt_width // 32)},
-        "train": {"output_dir": str(run), "seed": seed, "batch_size": 64, "max_steps": size.gpt_steps,
+        "train": {"output_dir": str(run), "seed": seed, "batch_size": 32, "max_steps": size.gpt_steps,
                   "learning_rate": 1e-3, "scale_lr": False, "lr_schedule": "cosine",
                   "warmup_steps": max(1, size.gpt_steps // 20), "num_workers": 0, "tracker": "none",
                   "log_every": max(1, size.gpt_steps // 8), "sample_every": size.gpt_steps,
@@ -194,7 +194,7 @@ def main(argv: list[str] | None = None, prog: str = "fullvq demo") -> int:
     print("[3/4] sampling every class")
     pipe = FullVQPipeline.from_pretrained(pipeline_dir)
     generator = torch.Generator().manual_seed(args.seed)
-    generated = pipe(class_labels=list(range(10)), num_images_per_label=size.samples_per_class, guidance_scale=2.0,
+    generated = pipe(class_labels=list(range(10)), num_images_per_label=size.samples_per_class, guidance_scale=4.0,
                      generator=generator, output_type="pt", batch_size=100).images * 2 - 1
     generated_labels = torch.arange(10).repeat_interleave(size.samples_per_class)
     rows = generated.view(10, size.samples_per_class, *generated.shape[1:])[:, :10]

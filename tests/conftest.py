@@ -23,5 +23,17 @@ def tiny_tokenizer_config():
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_one_thread_and_fresh_accelerate_state():
+    """Every test: a fixed seed; one thread (the models here are tiny, and two threads spin for far
+    longer than they compute whenever another job shares the two cores); and accelerate's
+    process-wide state reset afterwards, so each in-process training run starts clean."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()

@@ -32,15 +32,6 @@ CODEBOOK_SIZE = 64
 GPT_WIDTH, GPT_HEADS, GPT_LAYERS, NUM_CLASSES = 64, 4, 2, 1000
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Layers this small run fastest on one thread; two threads on a busy 2-core machine spin for ~100x longer.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 # ---------------------------------------------------------------------------------------------
 # Synthetic checkpoints: the originals' constructors, writing random tensors under their names
 # ---------------------------------------------------------------------------------------------

@@ -37,20 +37,6 @@ TINY_GPT = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, clas
                 token_dropout_prob=0.0, residual_dropout_prob=0.0, ffn_dropout_prob=0.0)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread_and_fresh_accelerate_state():
-    # Tiny models run faster on one thread, and much faster when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
     """One image per class (non-square, so crops matter), a corrupt file, a saved tiny tokenizer and

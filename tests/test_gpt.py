@@ -19,15 +19,6 @@ from fullvq.generator import (  # noqa: E402
 from fullvq.generator.sampling import _decode, build_logits_processor  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Models this small run faster on one thread, and much faster when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_config(**overrides):
     settings = dict(
         codebook_size=32, num_classes=4, grid_size=(3, 4), hidden_size=64, num_hidden_layers=2,

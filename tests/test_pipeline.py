@@ -19,15 +19,6 @@ from fullvq.tokenizer import FVQModel  # noqa: E402
 ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Models this small run faster on one thread, and much faster when other jobs share the cores.
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def tiny_tokenizer(**overrides):
     """32 px images -> an 8 x 8 grid of codes from a 64-code book."""
     settings = dict(sample_size=32, block_out_channels=(16, 32, 32), layers_per_block=1, latent_channels=16,

@@ -22,16 +22,6 @@ MODEL = dict(sample_size=32, block_out_channels=[16, 32, 32], layers_per_block=1
              norm_num_groups=8, quantizer="fvq", codebook_size=256, codebook_dim=8)
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    yield
-    from accelerate.state import AcceleratorState, GradientState, PartialState
-
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    PartialState._reset_state()
-
-
 def make_image_folder(root: Path, per_class: int = 12) -> Path:
     """Two classes of smooth coloured images, plus one corrupt file and one grayscale image."""
     rng = np.random.default_rng(0)

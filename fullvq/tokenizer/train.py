@@ -79,9 +79,10 @@ class TokenizerStage(TrainingStage):
         self.usage = CodebookUsage(model.config.codebook_size, device=device)
         self.last_usage: CodebookUsage | None = None  # the counts of the last log window, for the PNG
         self.skipped = 0.0
-        # A fixed set of training images (un-augmented order, seeded crops) for the reconstruction grids.
+        # A fixed set of training images spread over the set (sets are often sorted by class).
         count = min(config.num_samples, len(dataset)) if hasattr(dataset, "__len__") else 0
-        self.sample_images = torch.stack([dataset[i]["pixel_values"] for i in range(count)]) if count else None
+        picks = [i * len(dataset) // count for i in range(count)] if count else []
+        self.sample_images = torch.stack([dataset[i]["pixel_values"] for i in picks]) if count else None
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         trainer, acc = self.trainer, self.trainer.accelerator
