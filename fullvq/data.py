@@ -146,10 +146,21 @@ def load_image(value: Any) -> Image.Image:
 
 
 class _ImageSource:
-    """What every dataset here shares: class names and the record of skipped files."""
+    """What every dataset here shares: the table and its columns, class names and the record of
+    skipped files (the demo set, held in memory, sets its own fields)."""
 
     id2label: dict[int, str]
     name: str
+
+    def __init__(self, table, *, image_column: str, label_column: str | None, transform: Callable,
+                 id2label: dict[int, str], name: str):
+        self.table = table
+        self.image_column = image_column
+        self.label_column = label_column
+        self.transform = transform
+        self.id2label = id2label
+        self.name = name
+        self._init_skips()
 
     def _init_skips(self) -> None:
         self.num_skipped = 0
@@ -176,16 +187,9 @@ class ImageDataset(_ImageSource, Dataset):
     workers each keep their own copy, so read them in the main process or with ``num_workers=0``).
     """
 
-    def __init__(self, table, *, image_column: str, label_column: str | None, transform: Callable,
-                 id2label: dict[int, str], name: str):
-        self.table = table
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.id2label = id2label
-        self.name = name
+    def __init__(self, table, **columns):
+        super().__init__(table, **columns)
         self._unreadable: set[int] = set()
-        self._init_skips()
 
     def __len__(self) -> int:
         return len(self.table)
@@ -235,31 +239,20 @@ class StreamingImageDataset(_ImageSource, IterableDataset):
     Inside DataLoader workers the underlying stream shards itself across workers.
     """
 
-    def __init__(self, table, *, image_column: str, label_column: str | None, transform: Callable,
-                 id2label: dict[int, str], name: str):
-        self.table = table
-        self.image_column = image_column
-        self.label_column = label_column
-        self.transform = transform
-        self.id2label = id2label
-        self.name = name
-        self._init_skips()
 
     def shard(self, rank: int, world_size: int) -> "StreamingImageDataset":
         """This process's part of the stream (``datasets.distributed.split_dataset_by_node``)."""
         from datasets.distributed import split_dataset_by_node
 
-        return StreamingImageDataset(
-            split_dataset_by_node(self.table, rank=rank, world_size=world_size), image_column=self.image_column,
-            label_column=self.label_column, transform=self.transform, id2label=self.id2label, name=self.name,
-        )
+        return self._over(split_dataset_by_node(self.table, rank=rank, world_size=world_size))
 
     def shuffle(self, seed: int = 0, buffer_size: int = 1000) -> "StreamingImageDataset":
         """A copy reading the stream through a shuffle buffer (``datasets`` semantics)."""
-        return StreamingImageDataset(
-            self.table.shuffle(seed=seed, buffer_size=buffer_size), image_column=self.image_column,
-            label_column=self.label_column, transform=self.transform, id2label=self.id2label, name=self.name,
-        )
+        return self._over(self.table.shuffle(seed=seed, buffer_size=buffer_size))
+
+    def _over(self, table) -> "StreamingImageDataset":
+        return StreamingImageDataset(table, image_column=self.image_column, label_column=self.label_column,
+                                     transform=self.transform, id2label=self.id2label, name=self.name)
 
     def __iter__(self):
         dropped = 0

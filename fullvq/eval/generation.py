@@ -34,7 +34,7 @@ from .metrics import (
     load_reference,
     reference_kind,
     warn_if_other_weights,
-    write_report,
+    report_failures, write_report,
 )
 
 REPORT_NAME = "report.json"
@@ -187,7 +187,7 @@ def evaluate_generation(
               "reference": str(reference)}
     if state.is_main_process:
         write_report(report_path, report)
-    try:
+    with report_failures(report_path, report, state.is_main_process):
         if images_per_class < 1:
             raise ValueError(f"images_per_class={images_per_class} must be at least 1")
         extractor = InceptionExtractor(inception_weights, state.device)
@@ -258,9 +258,4 @@ def evaluate_generation(
             report["note"] = note
         write_report(report_path, report)
         return report
-    except BaseException as error:
-        if state.is_main_process:
-            report.update(complete=False, status="failed", error=f"{type(error).__name__}: {error}")
-            write_report(report_path, report)
-        raise
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import contextlib
 import json
 import os
 import warnings
@@ -653,6 +654,19 @@ def warn_if_other_weights(reference: ReferenceStatistics, weights_info: dict) ->
 
 
 # ----------------------------------------------------------------------------- reports
+
+
+@contextlib.contextmanager
+def report_failures(path: str | os.PathLike, report: dict, is_main_process: bool = True):
+    """Inside the block, an exception rewrites ``report`` as failed (with the error) before it
+    propagates, so a crashed job never leaves a report that looks running or complete."""
+    try:
+        yield
+    except BaseException as error:
+        if is_main_process:
+            report.update(complete=False, status="failed", error=f"{type(error).__name__}: {error}")
+            write_report(path, report)
+        raise
 
 
 def write_report(path: str | os.PathLike, report: dict) -> Path:

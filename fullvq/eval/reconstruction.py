@@ -31,7 +31,7 @@ from .metrics import (
     psnr,
     ssim,
     to_uint8,
-    write_report,
+    report_failures, write_report,
 )
 
 REPORT_NAME = "report.json"
@@ -125,7 +125,7 @@ def evaluate_reconstruction(
               "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__, "split": split}
     if state.is_main_process:
         write_report(report_path, report)
-    try:
+    with report_failures(report_path, report, state.is_main_process):
         # Everything that can be missing (weights, data) is resolved before any image is processed.
         extractor = InceptionExtractor(inception_weights, state.device)
         perceptual = _build_lpips(lpips, lpips_weights, state.device)
@@ -203,11 +203,6 @@ def evaluate_reconstruction(
         )
         write_report(report_path, report)
         return report
-    except BaseException as error:
-        if state.is_main_process:
-            report.update(complete=False, status="failed", error=f"{type(error).__name__}: {error}")
-            write_report(report_path, report)
-        raise
 
 
 def _save_worst_best(tokenizer, dataset, psnr_values: torch.Tensor, num_grid: int, path: Path, device) -> Path:
