@@ -7,6 +7,7 @@ from .tokenizer import CodebookUsage, FVQModel, build_quantizer  # noqa: E402
 # Stage two pulls in transformers; import it only when asked for.
 _LAZY = {
     "FullVQPipeline": "fullvq.pipelines.autoregressive",
+    "LatentFlowPipeline": "fullvq.pipelines.latent_flow",
     "FullVQGPT": "fullvq.generator.gpt",
     "FullVQGPTConfig": "fullvq.generator.gpt",
 }
@@ -20,5 +21,5 @@ def __getattr__(name):
     raise AttributeError(f"module 'fullvq' has no attribute {name!r}")
 
 
-__all__ = ["FVQModel", "FullVQPipeline", "FullVQGPT", "FullVQGPTConfig", "CodebookUsage", "build_quantizer",
+__all__ = ["FVQModel", "FullVQPipeline", "LatentFlowPipeline", "FullVQGPT", "FullVQGPTConfig", "CodebookUsage", "build_quantizer",
            "__version__"]

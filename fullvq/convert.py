@@ -11,10 +11,14 @@ what the original architecture computes with the same weights:
   encoder/decoder under ``encoder.conv_blocks.{level}.res|attn|downsample`` and
   ``decoder.conv_blocks.{i}`` (lowest resolution first), ``mid.0-2``, 1x1-conv attention
   (``q, k, v, proj_out``), ``quantize.embedding.weight`` compared on the unit sphere (l2-norm).
-- ``fvq``: FVQ's released tokenizers, which its authors publish "in VQGAN format": the LlamaGen
-  ``VQModel`` layout with the mapped codebook C_hat baked into ``quantize.embedding.weight``
-  (e.g. 16384 x 256), searched by plain L2 (no l2-norm). Training checkpoints holding the
-  VQBridge itself are refused: its parameter names are not published with the paper.
+- ``fvq``: FVQ's tokenizers on the LlamaGen ``VQModel`` layout. Released files are "in VQGAN
+  format": the mapped codebook C_hat baked into ``quantize.embedding.weight`` (e.g. 16384 x 256),
+  searched by plain L2 -> a plain ``vq`` quantizer. Training checkpoints that still hold the bridge
+  (``quantize.qbridge.*``, older ones ``quantize.embedding_monitor.*``) -> the ``fvq`` quantizer
+  with ``layout="square"`` (the official code views the codebook as a sqrt(K) x sqrt(K) image: timm
+  ``PatchEmbed`` ``x_embedder``, ViT ``blocks``, ``final_layer`` + unpatchify), so indices match.
+  Its DiT-style bridge (``pos_embed``, adaLN-Zero modulated by a fixed class embedding) folds
+  exactly into ``norm_affine`` LayerNorms, gated output projections and ``position_embedding``.
 - ``vqgan-lc``: VQGAN-LC's ``VQModel`` (``vqgan-gpt-lc/models/models_vq.py``): taming's
   encoder/decoder (``encoder.down.{level}.block|attn``, ``decoder.up.{level}``, ``mid.block_1``,
   ``attn_1``, ``block_2``), the frozen feature codebook ``tok_embeddings.weight`` (N x 768) and the
@@ -403,14 +407,12 @@ def convert_llamagen_vq(state: dict[str, torch.Tensor], *, image_size: int = 256
         l2_norm: LlamaGen's ``codebook_l2_norm`` (True for its released VQ-8/VQ-16 tokenizers).
     """
     _check_family(state, source)
-    bridge = sorted(key for key in state if key.startswith("quantize.")
-                    and key not in ("quantize.embedding.weight", "quantize.codebook_used"))
-    if bridge:
-        raise ConversionError(
-            f"the checkpoint's quantizer holds {_listing(bridge)} besides its codebook: an FVQ training "
-            "checkpoint with its VQBridge (whose layout is not published) or another variant. Export it to "
-            "VQGAN format with FVQ's tokenizer/tokenizer_image/convert_fullvq2vq.py and convert that file"
-        )
+    extra = sorted(key for key in state if key.startswith("quantize.")
+                   and key not in ("quantize.embedding.weight", "quantize.codebook_used"))
+    if extra:
+        hint = ("convert it with --from fvq" if _bridge_prefix(state) and source != "fvq"
+                else "is it a checkpoint of another variant?")
+        raise ConversionError(f"the checkpoint's quantizer holds {_listing(extra)} besides its codebook; {hint}")
     config = _autoencoder_config(state, LLAMAGEN_LAYOUT, source)
     codebook_size, codebook_dim = _shape(state, "quantize.embedding.weight", source)
     model = FVQModel(sample_size=image_size, quantizer="vq", codebook_size=codebook_size, codebook_dim=codebook_dim,
@@ -423,10 +425,111 @@ def convert_llamagen_vq(state: dict[str, torch.Tensor], *, image_size: int = 256
     return mapping.finish(model)
 
 
-def convert_fvq(state: dict[str, torch.Tensor], *, image_size: int = 256, l2_norm: bool = False) -> Conversion:
-    """An FVQ tokenizer released in VQGAN format (LlamaGen's layout, C_hat baked into the codebook,
-    searched by plain L2) -> :class:`FVQModel` with a plain ``vq`` quantizer."""
-    return convert_llamagen_vq(state, image_size=image_size, l2_norm=l2_norm, source="fvq")
+BRIDGE_PREFIXES = ("quantize.qbridge", "quantize.embedding_monitor")  # the official name, and an older one
+OFFICIAL_BRIDGE_HEADS = 4  # every official VQBridge size has 4 heads (width = 4 x head width)
+
+
+def _bridge_prefix(state: dict[str, torch.Tensor]) -> str | None:
+    return next((p for p in BRIDGE_PREFIXES if any(key.startswith(p + ".") for key in state)), None)
+
+
+def convert_fvq(state: dict[str, torch.Tensor], *, image_size: int = 256, l2_norm: bool = False,
+                bridge_heads: int = OFFICIAL_BRIDGE_HEADS, bridge_class: int | None = None) -> Conversion:
+    """An FVQ tokenizer -> :class:`FVQModel`.
+
+    A file in VQGAN format (C_hat baked into ``quantize.embedding.weight``) gives a plain ``vq``
+    quantizer; a checkpoint holding the VQBridge gives the ``fvq`` quantizer with the official
+    ``"square"`` codebook layout, so the converted model's indices are the original's.
+
+    Args:
+        l2_norm: search on the unit sphere (FVQ's recipes search by plain L2).
+        bridge_heads: attention heads of the bridge (not in the weights; the official sizes all use 4).
+        bridge_class: DiT-style bridge only: the row of its class table that conditions it (default:
+            the last row, the null class, when the table has several rows; else row 0).
+    """
+    prefix = _bridge_prefix(state)
+    if prefix is None:
+        return convert_llamagen_vq(state, image_size=image_size, l2_norm=l2_norm, source="fvq")
+    _check_family(state, "fvq")
+    source = "fvq"
+    codebook_size, codebook_dim = _shape(state, "quantize.embedding.weight", source)
+    width, channels, patch, patch_w = _shape(state, f"{prefix}.x_embedder.proj.weight", source)
+    if channels != codebook_dim or patch != patch_w:
+        raise ConversionError(f"{prefix}.x_embedder.proj.weight has shape {(width, channels, patch, patch_w)}; "
+                              f"expected (width, {codebook_dim}, P, P) for a {codebook_size} x {codebook_dim} codebook")
+    depth = len(_indices(state, f"{prefix}.blocks."))
+    hidden = _shape(state, f"{prefix}.blocks.0.mlp.fc1.weight", source)[0] if depth else 2 * width
+    dit_style = f"{prefix}.pos_embed" in state or any("adaLN_modulation" in key for key in state)
+    config = _autoencoder_config(state, LLAMAGEN_LAYOUT, source)
+    try:
+        model = FVQModel(sample_size=image_size, quantizer="fvq", codebook_size=codebook_size,
+                         codebook_dim=codebook_dim, quantizer_kwargs=dict(
+                             group_size=patch * patch, width=width, depth=depth, num_heads=bridge_heads,
+                             mlp_ratio=hidden / width, layout="square", l2_norm=l2_norm, norm_affine=dit_style,
+                             position_embedding=dit_style), **config)
+    except ValueError as error:
+        raise ConversionError(f"the checkpoint's VQBridge does not fit fullvq's fvq quantizer: {error}") from None
+    mapping = _Mapping(state, source)
+    _map_autoencoder(mapping, LLAMAGEN_LAYOUT, config)
+    mapping.copy("quantize.base_codebook.weight", "quantize.embedding.weight")
+    # timm's PatchEmbed convolution reads (channel, p, q); the square layout's tokens hold (p, q, channel).
+    mapping.module("quantize.bridge.compress", f"{prefix}.x_embedder.proj",
+                   transform=lambda w: w.permute(0, 2, 3, 1).reshape(w.shape[0], -1))
+    modulation = _bridge_modulation(mapping, prefix, depth, bridge_class) if dit_style else None
+    for i in range(depth):
+        source_block, target = f"{prefix}.blocks.{i}", f"quantize.bridge.blocks.{i}"
+        gates = {}
+        if modulation is not None:
+            shift_msa, scale_msa, gates["attn"], shift_mlp, scale_mlp, gates["mlp"] = modulation[i].chunk(6)
+            for norm, shift, scale in (("norm1", shift_msa, scale_msa), ("norm2", shift_mlp, scale_mlp)):
+                mapping.put(f"{target}.{norm}.weight", 1 + scale, f"{source_block}.adaLN_modulation.1")
+                mapping.put(f"{target}.{norm}.bias", shift, f"{source_block}.adaLN_modulation.1")
+        mapping.module(f"{target}.attn.qkv", f"{source_block}.attn.qkv")
+        _map_gated(mapping, f"{target}.attn.proj", f"{source_block}.attn.proj", gates.get("attn"))
+        mapping.module(f"{target}.mlp.0", f"{source_block}.mlp.fc1")
+        _map_gated(mapping, f"{target}.mlp.2", f"{source_block}.mlp.fc2", gates.get("mlp"))
+    if modulation is not None:
+        shift, scale = modulation[-1].chunk(2)
+        mapping.put("quantize.bridge.norm.weight", 1 + scale, f"{prefix}.final_layer.adaLN_modulation.1")
+        mapping.put("quantize.bridge.norm.bias", shift, f"{prefix}.final_layer.adaLN_modulation.1")
+        embedding = mapping.take(f"{prefix}.pos_embed")
+        if embedding is not None:
+            mapping.put("quantize.bridge.position_embedding", embedding.reshape(-1, width), f"{prefix}.pos_embed")
+    mapping.module("quantize.bridge.recover", f"{prefix}.final_layer.linear")
+    mapping.drop(r"quantize\.codebook_used", "usage counter of training")
+    mapping.notes.append(f"VQBridge{' (DiT-style, modulation folded)' if dit_style else ''}: codebook "
+                         f"{codebook_size} x {codebook_dim}, P={patch} (G={patch * patch}), width {width}, depth "
+                         f"{depth}, {bridge_heads} heads, square layout; sample_size={image_size}")
+    return mapping.finish(model)
+
+
+def _map_gated(mapping: _Mapping, target: str, source: str, gate: torch.Tensor | None) -> None:
+    """A linear layer, its output scaled by ``gate`` (adaLN-Zero's gate folded into the weights)."""
+    weight, bias = mapping.take(f"{source}.weight"), mapping.take(f"{source}.bias")
+    if gate is not None and weight is not None and bias is not None:
+        weight, bias = weight * gate[:, None], bias * gate
+    mapping.put(f"{target}.weight", weight, f"{source}.weight")
+    mapping.put(f"{target}.bias", bias, f"{source}.bias")
+
+
+def _bridge_modulation(mapping: _Mapping, prefix: str, depth: int, label: int | None) -> list[torch.Tensor] | None:
+    """The DiT-style bridge's adaLN outputs for its fixed condition: one (6 x width) vector per block,
+    then the final layer's (2 x width). The condition is a class-table row (no timestep)."""
+    table = mapping.take(f"{prefix}.y_embedder.embedding_table.weight")
+    if table is None:
+        return None  # reported as a missing key by finish()
+    label = (len(table) - 1 if len(table) > 1 else 0) if label is None else label
+    if not 0 <= label < len(table):
+        raise ConversionError(f"bridge_class={label} is outside the bridge's class table [0, {len(table)})")
+    condition = torch.nn.functional.silu(table[label].double())
+    outputs = []
+    for name in [f"blocks.{i}" for i in range(depth)] + ["final_layer"]:
+        weight = mapping.take(f"{prefix}.{name}.adaLN_modulation.1.weight")
+        bias = mapping.take(f"{prefix}.{name}.adaLN_modulation.1.bias")
+        if weight is None or bias is None:
+            return None
+        outputs.append((weight.double() @ condition + bias.double()).float())
+    return outputs
 
 
 def convert_vqgan_lc(state: dict[str, torch.Tensor], *, image_size: int = 256,
@@ -654,22 +757,25 @@ def write_atomically(out: str | Path, write, overwrite: bool = False) -> Path:
 
 
 def _load_tokenizer(path: str | Path, source: str, weights: str, image_size: int, codebook,
-                    l2_norm: bool | None, log) -> FVQModel:
+                    l2_norm: bool | None, log, bridge: dict | None = None) -> FVQModel:
     path = Path(path)
     if path.is_dir():  # an already converted (or trained) fullvq tokenizer folder
         log(f"tokenizer: fullvq folder {path}")
         return FVQModel.from_pretrained(path).eval()
     state, where = load_checkpoint(path, weights)
     log(f"tokenizer: read {len(state)} tensors from {path} ({_where(where)})")
-    conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm)
+    conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm, bridge)
     _report(conversion, log)
     return conversion.model
 
 
-def _convert_tokenizer(state, source: str, image_size: int, codebook, l2_norm: bool | None) -> Conversion:
+def _convert_tokenizer(state, source: str, image_size: int, codebook, l2_norm: bool | None,
+                       bridge: dict | None = None) -> Conversion:
     if source == "vqgan-lc":
         return convert_vqgan_lc(state, image_size=image_size, codebook=codebook)
     options = {} if l2_norm is None else {"l2_norm": l2_norm}
+    if source == "fvq":
+        options.update({key: value for key, value in (bridge or {}).items() if value is not None})
     return CONVERTERS[source](state, image_size=image_size, **options)
 
 
@@ -703,9 +809,14 @@ def convert_checkpoint(
     tokenizer_weights: str = "auto",
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
+    bridge_heads: int | None = None,
+    bridge_class: int | None = None,
     log=print,
 ) -> Path:
     """Convert ``checkpoint`` of kind ``source`` and write a fullvq folder at ``out``.
+
+    ``bridge_heads`` and ``bridge_class`` concern FVQ checkpoints that hold the VQBridge (see
+    :func:`convert_fvq`).
 
     A tokenizer becomes an :class:`FVQModel` folder, a GPT a :class:`FullVQGPT` folder, and a GPT with
     ``tokenizer_checkpoint`` (an original checkpoint of ``tokenizer_source``, or a fullvq tokenizer
@@ -723,10 +834,11 @@ def convert_checkpoint(
     if out.exists() and not overwrite:
         raise FileExistsError(f"{out} already exists; choose another --out or pass --overwrite to replace it")
 
+    bridge = {"bridge_heads": bridge_heads, "bridge_class": bridge_class}
     state, where = load_checkpoint(checkpoint, weights)
     log(f"read {len(state)} tensors from {checkpoint} ({_where(where)})")
     if source != "llamagen-gpt":
-        conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm)
+        conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm, bridge)
         _report(conversion, log)
         model = conversion.model.to(dtype)
         write_atomically(out, model.save_pretrained, overwrite)
@@ -737,7 +849,7 @@ def convert_checkpoint(
     tokenizer = None
     if tokenizer_checkpoint is not None:
         tokenizer = _load_tokenizer(tokenizer_checkpoint, tokenizer_source, tokenizer_weights, image_size,
-                                    codebook, l2_norm, log)
+                                    codebook, l2_norm, log, bridge)
         tokenizer_grid = tokenizer.latent_grid()
         if tokenizer_grid[0] != tokenizer_grid[1]:
             raise ConversionError(f"the tokenizer's latent grid {tokenizer_grid} is not square, as LlamaGen's is")
@@ -774,7 +886,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                     "--tokenizer-checkpoint vq_ds16_c2i.pt --out llamagen-L (a FullVQPipeline folder).",
     )
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
-                        help="checkpoint kind: llamagen-vq (LlamaGen VQ-8/16), fvq (FVQ tokenizer in VQGAN format), "
+                        help="checkpoint kind: llamagen-vq (LlamaGen VQ-8/16), fvq (FVQ tokenizer: VQGAN format or "
+                             "with its VQBridge), "
                              "vqgan-lc (VQGAN-LC tokenizer), llamagen-gpt (LlamaGen class-to-image GPT)")
     parser.add_argument("checkpoint", help="the original .pt / .pth checkpoint")
     parser.add_argument("--out", required=True, help="output folder (written atomically)")
@@ -798,6 +911,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--tokenizer-from", default="llamagen-vq", choices=TOKENIZER_SOURCES,
                         help="kind of --tokenizer-checkpoint (default llamagen-vq)")
     parser.add_argument("--tokenizer-weights", default="auto", help="--weights for the tokenizer checkpoint")
+    parser.add_argument("--bridge-heads", type=int, default=None,
+                        help="fvq with its VQBridge: attention heads of the bridge (default 4, as every official size)")
+    parser.add_argument("--bridge-class", type=int, default=None,
+                        help="fvq with a DiT-style VQBridge: class-table row that conditions it (default: the null "
+                             "class, the last row)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the saved weights")
     parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
@@ -812,7 +930,8 @@ def main(argv: list[str], prog: str = "fullvq convert") -> int:
             l2_norm=args.l2_norm, codebook=args.codebook, grid_size=args.grid_size, num_heads=args.num_heads,
             num_classes=args.num_classes, tokenizer_checkpoint=args.tokenizer_checkpoint,
             tokenizer_source=args.tokenizer_from, tokenizer_weights=args.tokenizer_weights,
-            dtype=getattr(torch, args.dtype), overwrite=args.overwrite,
+            dtype=getattr(torch, args.dtype), overwrite=args.overwrite, bridge_heads=args.bridge_heads,
+            bridge_class=args.bridge_class,
         )
     except (ConversionError, FileNotFoundError, FileExistsError) as error:
         print(f"{prog}: error: {error}", file=sys.stderr)
@@ -828,6 +947,7 @@ __all__ = [
     "detect_source",
     "convert_llamagen_vq",
     "convert_fvq",
+    "BRIDGE_PREFIXES",
     "convert_vqgan_lc",
     "convert_llamagen_gpt",
     "convert_checkpoint",

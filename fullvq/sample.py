@@ -1,5 +1,9 @@
 """``fullvq sample PIPELINE_DIR --labels ... --out DIR``: generate images from a pipeline folder.
 
+Either pipeline: a ``FullVQPipeline`` (GPT: ``--temperature``, ``--top-k``, ``--top-p``,
+``--guidance-schedule``) or a ``LatentFlowPipeline`` (DiT / flow: ``--num-inference-steps``,
+``--snap-to-codebook``); settings of the other kind are refused.
+
 Writes one PNG per image, named ``{class id}_{i}.png``, and ``grid.png`` (one row per label).
 
 Labels are class ids or class names, one per argument: ``--labels 207 360`` or ``--labels 207,360``
@@ -36,10 +40,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--labels", nargs="+", required=True, help="class ids or names (see above)")
     parser.add_argument("--num-per-label", type=int, default=1, help="images per label (default 1)")
     parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance; 1 = off")
-    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default="constant")
-    parser.add_argument("--temperature", type=float, default=1.0, help="0 = greedy")
-    parser.add_argument("--top-k", type=int, default=0, help="0 = off")
-    parser.add_argument("--top-p", type=float, default=1.0, help="1 = off")
+    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None, help="GPT (default constant)")
+    parser.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
+    parser.add_argument("--top-k", type=int, default=None, help="GPT: 0 = off (default)")
+    parser.add_argument("--top-p", type=float, default=None, help="GPT: 1 = off (default)")
+    parser.add_argument("--num-inference-steps", type=int, default=None, help="DiT / flow: scheduler steps (50)")
+    parser.add_argument("--snap-to-codebook", action="store_const", const=True, default=None,
+                        help="DiT / flow: decode the nearest codes of the generated latents")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once (memory bound)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -50,22 +57,29 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "fullvq sample") -> int:
     args = build_parser(prog).parse_args(argv)
-    from fullvq.pipelines import FullVQPipeline
+    import inspect
+
+    from fullvq.pipelines import load_pipeline
     from fullvq.training import save_image_grid
     from torchvision.utils import save_image
 
     labels = parse_labels(args.labels)
+    options = {name: getattr(args, name) for name in ("guidance_schedule", "temperature", "top_k", "top_p",
+                                                      "num_inference_steps", "snap_to_codebook")}
+    options = {name: value for name, value in options.items() if value is not None}
     try:
-        pipe = FullVQPipeline.from_pretrained(args.pipeline, dtype=getattr(torch, args.dtype)).to(args.device)
+        pipe = load_pipeline(args.pipeline, dtype=getattr(torch, args.dtype)).to(args.device)
+        accepted = inspect.signature(pipe.__call__).parameters
+        foreign = [name for name in options if name not in accepted]
+        if foreign:
+            flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+            raise ValueError(f"{flags} do not apply to a {type(pipe).__name__}; drop them")
         ids = pipe.get_label_ids(labels)
         images = pipe(
             ids,
             num_images_per_label=args.num_per_label,
             guidance_scale=args.guidance_scale,
-            guidance_schedule=args.guidance_schedule,
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
+            **options,
             generator=torch.Generator().manual_seed(args.seed),
             batch_size=args.batch_size,
             output_type="pt",

@@ -388,11 +388,145 @@ def test_fvq_in_vqgan_format_searches_its_unnormalised_codebook_by_plain_l2():
         torch.testing.assert_close(model(x).sample, llamagen_decode(state, ref_codes), atol=1e-4, rtol=1e-4)
 
 
-def test_fvq_training_checkpoint_with_its_bridge_is_refused_with_the_keys():
+BRIDGE_WIDTH, BRIDGE_PATCH, BRIDGE_HEADS, BRIDGE_CLASSES = 32, 2, 4, 10  # 64 codes: 8 x 8 image, 16 tokens
+
+
+def mae_sincos(width, side):
+    """MAE's get_2d_sincos_pos_embed, re-stated: meshgrid(w, h); the first half encodes grid[0] (w)."""
+    def one_d(dim, pos):
+        omega = 1.0 / 10000 ** (torch.arange(dim // 2, dtype=torch.float64) / (dim / 2.0))
+        out = pos.reshape(-1, 1).double() * omega
+        return torch.cat([out.sin(), out.cos()], dim=1)
+
+    grid_w, grid_h = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="xy")
+    return torch.cat([one_d(width // 2, grid_w), one_d(width // 2, grid_h)], dim=1).float()
+
+
+def add_bridge(state, prefix="quantize.qbridge", dit_style=False, depth=2):
+    """FVQ's VQBridge (qbridge_ViT.py; qbridge.py when dit_style) under its official names, random weights."""
+    d, h, p = state["quantize.embedding.weight"].shape[1], BRIDGE_WIDTH, BRIDGE_PATCH
+    state[f"{prefix}.x_embedder.proj.weight"] = torch.randn(h, d, p, p) / math.sqrt(d * p * p)
+    state[f"{prefix}.x_embedder.proj.bias"] = 0.1 * torch.randn(h)
+
+    def linear(name, fan_in, fan_out):
+        state[f"{name}.weight"] = torch.randn(fan_out, fan_in) / math.sqrt(fan_in)
+        state[f"{name}.bias"] = 0.1 * torch.randn(fan_out)
+
+    for i in range(depth):
+        linear(f"{prefix}.blocks.{i}.attn.qkv", h, 3 * h)
+        linear(f"{prefix}.blocks.{i}.attn.proj", h, h)
+        linear(f"{prefix}.blocks.{i}.mlp.fc1", h, 2 * h)
+        linear(f"{prefix}.blocks.{i}.mlp.fc2", 2 * h, h)
+        if dit_style:
+            linear(f"{prefix}.blocks.{i}.adaLN_modulation.1", h, 6 * h)
+    linear(f"{prefix}.final_layer.linear", h, p * p * d)
+    if dit_style:
+        linear(f"{prefix}.final_layer.adaLN_modulation.1", h, 2 * h)
+        side = math.isqrt(state["quantize.embedding.weight"].shape[0]) // p
+        state[f"{prefix}.pos_embed"] = mae_sincos(h, side)[None]
+        state[f"{prefix}.y_embedder.embedding_table.weight"] = torch.randn(BRIDGE_CLASSES + 1, h)
+
+
+def ref_bridge(sd, prefix="quantize.qbridge", label=None):
+    """The official VQBridge's forward: codebook -> (1, D, s, s) image (code k at row k // s), P x P patch
+    embedding, pre-LN ViT (or adaLN-Zero DiT) blocks, final layer, unpatchify ('nhwpqc->nchpwq')."""
+    codebook = sd["quantize.embedding.weight"]
+    k, d = codebook.shape
+    s, p, h = math.isqrt(k), BRIDGE_PATCH, BRIDGE_WIDTH
+    image = codebook.t().reshape(1, d, s, s)
+    x = F.conv2d(image, sd[f"{prefix}.x_embedder.proj.weight"], sd[f"{prefix}.x_embedder.proj.bias"], stride=p)
+    x = x.flatten(2).transpose(1, 2)  # (1, T, h), tokens row-major
+    dit = f"{prefix}.pos_embed" in sd
+    if dit:
+        x = x + sd[f"{prefix}.pos_embed"]
+        table = sd[f"{prefix}.y_embedder.embedding_table.weight"]
+        c = F.silu(table[len(table) - 1 if label is None else label])[None]
+
+    def lin(name, t):
+        return F.linear(t, sd[f"{prefix}.{name}.weight"], sd[f"{prefix}.{name}.bias"])
+
+    def ln(t):
+        return F.layer_norm(t, (h,), eps=1e-6)
+
+    def attention(i, t):
+        q, kk, v = lin(f"blocks.{i}.attn.qkv", t).reshape(1, -1, 3, BRIDGE_HEADS, h // BRIDGE_HEADS).permute(2, 0, 3, 1, 4)
+        a = (q @ kk.transpose(-2, -1) * (h // BRIDGE_HEADS) ** -0.5).softmax(-1) @ v
+        return lin(f"blocks.{i}.attn.proj", a.transpose(1, 2).reshape(1, -1, h))
+
+    def mlp(i, t):
+        return lin(f"blocks.{i}.mlp.fc2", F.gelu(lin(f"blocks.{i}.mlp.fc1", t), approximate="tanh"))
+
+    for i in range(len({key.split(".")[3] for key in sd if key.startswith(f"{prefix}.blocks.")})):
+        if dit:
+            sm, cm, gm, sf, cf, gf = lin(f"blocks.{i}.adaLN_modulation.1", c).chunk(6, dim=1)
+            x = x + gm[:, None] * attention(i, ln(x) * (1 + cm[:, None]) + sm[:, None])
+            x = x + gf[:, None] * mlp(i, ln(x) * (1 + cf[:, None]) + sf[:, None])
+        else:
+            x = x + attention(i, ln(x))
+            x = x + mlp(i, ln(x))
+    x = ln(x)
+    if dit:
+        shift, scale = lin("final_layer.adaLN_modulation.1", c).chunk(2, dim=1)
+        x = x * (1 + scale[:, None]) + shift[:, None]
+    x = lin("final_layer.linear", x)  # (1, T, p * p * d)
+    g = s // p
+    x = torch.einsum("nhwpqc->nchpwq", x.reshape(1, g, g, p, p, d)).reshape(1, d, s, s)
+    return x.reshape(d, k).t()
+
+
+@pytest.mark.parametrize("dit_style, prefix", [(False, "quantize.qbridge"), (False, "quantize.embedding_monitor"),
+                                               (True, "quantize.qbridge")], ids=["vit", "older-prefix", "dit-style"])
+def test_fvq_checkpoint_with_its_vqbridge_gives_the_original_codebook_indices_and_images(dit_style, prefix, tmp_path):
     state = llamagen_vq_state(codebook_dim=16)
-    state["quantize.bridge.compress.weight"] = torch.randn(16, 256)
-    with pytest.raises(ConversionError, match=r"quantize\.bridge\.compress\.weight.*convert_fullvq2vq"):
+    add_bridge(state, prefix, dit_style)
+    conversion = convert_fvq(state, image_size=IMAGE_SIZE)
+    assert_consumed_once(conversion, state)
+    model = conversion.model
+    assert model.config.quantizer == "fvq" and model.quantize.layout == "square" and model.quantize.group_size == 4
+    with torch.no_grad():
+        codebook = ref_bridge(state, prefix)
+        torch.testing.assert_close(model.quantize.codebook(), codebook, atol=1e-5, rtol=1e-5)
+        x = images()
+        ref_indices, ref_codes = ref_quantize(llamagen_encode(state, x), codebook, False)
+        assert torch.equal(model.encode_indices(x), ref_indices)
+        torch.testing.assert_close(model(x).sample, llamagen_decode(state, ref_codes), atol=1e-4, rtol=1e-4)
+    path = save(tmp_path / "fvq.pt", {"model": state, "steps": 10})
+    assert main(["convert", "--from", "fvq", path, "--out", str(tmp_path / "tok")]) == 0
+    reloaded = FVQModel.from_pretrained(tmp_path / "tok")
+    with torch.no_grad():
+        assert torch.equal(reloaded.encode_indices(x), ref_indices)
+
+
+def test_dit_style_bridge_is_conditioned_on_the_chosen_class_row(tmp_path):
+    state = llamagen_vq_state(codebook_dim=16)
+    add_bridge(state, dit_style=True)
+    with torch.no_grad():
+        default = convert_fvq(state, image_size=IMAGE_SIZE).model.quantize.codebook()
+        third = convert_fvq(state, image_size=IMAGE_SIZE, bridge_class=3).model.quantize.codebook()
+        torch.testing.assert_close(third, ref_bridge(state, label=3), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(default, third, atol=1e-3)
+    # A DiT-style bridge built in fullvq (not converted) gets the same fixed positions as the original.
+    from fullvq.tokenizer.quantizers.bridge import sincos_position_embedding
+
+    torch.testing.assert_close(sincos_position_embedding(BRIDGE_WIDTH, 4), mae_sincos(BRIDGE_WIDTH, 4))
+    with pytest.raises(ConversionError, match="bridge_class=11 is outside"):
+        convert_fvq(state, image_size=IMAGE_SIZE, bridge_class=11)
+
+
+def test_fvq_bridge_with_a_missing_or_foreign_key_is_refused_with_the_keys():
+    state = llamagen_vq_state(codebook_dim=16)
+    add_bridge(state)
+    del state["quantize.qbridge.blocks.1.mlp.fc2.bias"]
+    with pytest.raises(ConversionError, match=r"missing keys .*blocks\.1\.mlp\.fc2\.bias"):
         convert_fvq(state, image_size=IMAGE_SIZE)
+    state = llamagen_vq_state(codebook_dim=16)
+    state["quantize.other.weight"] = torch.randn(4)
+    with pytest.raises(ConversionError, match=r"quantize\.other\.weight"):
+        convert_fvq(state, image_size=IMAGE_SIZE)
+    state = llamagen_vq_state(codebook_dim=16)
+    add_bridge(state)
+    with pytest.raises(ConversionError, match="--from fvq"):
+        convert_llamagen_vq(state, image_size=IMAGE_SIZE)
 
 
 @pytest.mark.parametrize("attn_resolutions", [(4,), (2,)], ids=["f16-like-level-attention", "f8-like-mid-only"])

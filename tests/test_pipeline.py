@@ -66,7 +66,7 @@ def test_save_pretrained_then_from_pretrained_gives_identical_images(pipe, saved
 
 
 def test_a_hub_id_is_fetched_with_the_component_folders_then_loaded_locally(saved, monkeypatch):
-    import fullvq.pipelines.autoregressive as autoregressive
+    import fullvq.pipelines.base as base
 
     calls = []
 
@@ -74,7 +74,7 @@ def test_a_hub_id_is_fetched_with_the_component_folders_then_loaded_locally(save
         calls.append((repo_id, kwargs))
         return str(saved)
 
-    monkeypatch.setattr(autoregressive, "snapshot_download", fake_snapshot_download)
+    monkeypatch.setattr(base, "snapshot_download", fake_snapshot_download)
     loaded = FullVQPipeline.from_pretrained("someone/fullvq-tiny", revision="v1")
     assert calls == [("someone/fullvq-tiny", dict(allow_patterns=["model_index.json", "tokenizer/*", "gpt/*"],
                                                   revision="v1"))]

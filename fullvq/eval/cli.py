@@ -47,7 +47,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     rfid.add_argument("--num-grid", type=int, default=8, help="worst / best reconstructions shown (default: 8)")
 
     gfid = commands.add_parser("gfid", help="generate a class-balanced set: gFID, IS, KID, precision, recall")
-    gfid.add_argument("--pipeline", required=True, help="folder written by FullVQPipeline.save_pretrained")
+    gfid.add_argument("--pipeline", required=True,
+                      help="pipeline folder (FullVQPipeline or LatentFlowPipeline save_pretrained)")
     gfid.add_argument("--reference", required=True,
                       help="image folder, build_dataset source, or .npz with mu/sigma (ADM batch or reference-stats)")
     gfid.add_argument("--output", required=True, help="folder for report.json, samples/ and samples.png")
@@ -59,6 +60,9 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--temperature", type=float, default=1.0)
     gfid.add_argument("--top-k", type=int, default=0)
     gfid.add_argument("--top-p", type=float, default=1.0)
+    gfid.add_argument("--num-inference-steps", type=int, default=50, help="DiT / flow pipelines: scheduler steps")
+    gfid.add_argument("--snap-to-codebook", action="store_true",
+                      help="DiT / flow pipelines: decode the nearest codes of the generated latents")
     gfid.add_argument("--reference-split", default="train")
     gfid.add_argument("--reference-resolution", type=int, default=None,
                       help="centre-crop reference images to R x R (default: datasets to the samples' size, "
@@ -137,7 +141,8 @@ def main(argv: list[str], prog: str = "fullvq eval") -> int:
                 args.pipeline, args.reference, args.output, images_per_class=args.images_per_class,
                 classes=args.classes, batch_size=args.batch_size, seed=args.seed,
                 guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
-                top_p=args.top_p, reference_split=args.reference_split,
+                top_p=args.top_p, num_inference_steps=args.num_inference_steps,
+                snap_to_codebook=args.snap_to_codebook, reference_split=args.reference_split,
                 reference_resolution=args.reference_resolution, reference_limit=args.reference_limit,
                 inception_weights=args.inception_weights, inception_batch_size=args.inception_batch_size,
                 cache_dir=args.cache_dir, use_cache=not args.no_cache, kid_subset_size=args.kid_subset_size,

@@ -71,6 +71,15 @@ def _check_settings(folder: Path, settings: dict) -> None:
     path.write_text(json.dumps(settings, indent=2) + "\n")
 
 
+def sampling_kwargs(pipeline, **options) -> dict:
+    """The sampling settings this pipeline's call takes: guidance / temperature / top-k / top-p for
+    a ``FullVQPipeline``, guidance / steps / snapping for a ``LatentFlowPipeline``."""
+    import inspect
+
+    accepted = inspect.signature(pipeline.__call__).parameters
+    return {key: value for key, value in options.items() if key in accepted}
+
+
 @torch.no_grad()
 def generate_samples(
     pipeline,
@@ -84,9 +93,12 @@ def generate_samples(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    num_inference_steps: int = 50,
+    snap_to_codebook: bool = False,
 ) -> tuple[list[Path], int]:
     """Write the class-balanced sample set (resumable); returns every planned path and how many
-    were already there. Every process writes the batches ``b`` with ``b % num_processes == rank``."""
+    were already there. Every process writes the batches ``b`` with ``b % num_processes == rank``.
+    Only the settings the pipeline takes are passed (see ``sampling_kwargs``)."""
     state = _state()
     pipeline.set_progress_bar_config(disable=True)  # one bar over batches instead of one per call
     folder = Path(folder)
@@ -97,16 +109,15 @@ def generate_samples(
     batches = [list(range(start, min(start + batch_size, len(plan)))) for start in range(0, len(plan), batch_size)]
     mine = [b for b in range(len(batches)) if b % state.num_processes == state.process_index]
     todo = [b for b in mine if not all(paths[i].is_file() for i in batches[b])]
+    options = sampling_kwargs(pipeline, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                              top_p=top_p, num_inference_steps=num_inference_steps, snap_to_codebook=snap_to_codebook)
     bar = tqdm(total=len(todo), desc="generate", unit="batch", disable=not state.is_main_process)
     for b in todo:
         members = batches[b]
         output = pipeline(
             class_labels=[plan[i][0] for i in members],
             num_images_per_label=1,
-            guidance_scale=guidance_scale,
-            temperature=temperature,
-            top_k=top_k,
-            top_p=top_p,
+            **options,
             generator=torch.Generator().manual_seed(seed + b),
             batch_size=len(members),
             output_type="pt",
@@ -147,6 +158,8 @@ def evaluate_generation(
     temperature: float = 1.0,
     top_k: int = 0,
     top_p: float = 1.0,
+    num_inference_steps: int = 50,
+    snap_to_codebook: bool = False,
     reference_split: str = "train",
     reference_resolution: int | None = None,
     reference_limit: int | None = None,
@@ -163,11 +176,13 @@ def evaluate_generation(
     """Generate a class-balanced set, then write the gFID report.
 
     Args:
-        pipeline: a ``FullVQPipeline`` or its folder (``FullVQPipeline.from_pretrained``).
+        pipeline: a ``FullVQPipeline`` / ``LatentFlowPipeline`` or its folder (``load_pipeline``).
         reference: image folder, ``build_dataset`` source, or ``.npz`` statistics (see ``load_reference``).
         output_dir: report, ``samples/`` and ``samples.png``.
         images_per_class, classes: N images for each class id (default: every class of the GPT).
-        batch_size, seed, guidance_scale, temperature, top_k, top_p: sampling; recorded with the samples.
+        batch_size, seed, guidance_scale: sampling; recorded with the samples, as are the settings of
+            the pipeline's kind: temperature, top_k, top_p (GPT) or num_inference_steps,
+            snap_to_codebook (DiT / flow).
         reference_split, reference_resolution, reference_limit: how the reference images are read
             (datasets are centre-cropped to ``reference_resolution``, default the pipeline's size).
         inception_weights, cache_dir, use_cache: Inception weights file and the statistics cache.
@@ -176,7 +191,7 @@ def evaluate_generation(
     Returns:
         The report; ``"complete"`` is True only when every planned sample exists and was evaluated.
     """
-    from fullvq.pipelines import FullVQPipeline
+    from fullvq.pipelines import load_pipeline
 
     state = _state()
     output_dir = Path(output_dir)
@@ -192,9 +207,9 @@ def evaluate_generation(
             raise ValueError(f"images_per_class={images_per_class} must be at least 1")
         extractor = InceptionExtractor(inception_weights, state.device)
         if isinstance(pipeline, (str, os.PathLike)):
-            pipeline = FullVQPipeline.from_pretrained(pipeline)
+            pipeline = load_pipeline(pipeline)
         pipeline = pipeline.to(state.device)
-        num_classes = int(pipeline.gpt.config.num_classes)
+        num_classes = int(pipeline.num_classes)
         classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
         bad = [c for c in classes if not 0 <= c < num_classes]
         if bad or not classes:
@@ -220,14 +235,18 @@ def evaluate_generation(
         samples = output_dir / SAMPLES_DIR
         # Seeds go by batch, so the plan (classes, N, batch size) must match too for resumed samples to be
         # the ones this run would have drawn.
+        options = sampling_kwargs(pipeline, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                  top_p=top_p, num_inference_steps=num_inference_steps,
+                                  snap_to_codebook=snap_to_codebook)
         settings = {"classes": classes, "images_per_class": images_per_class, "batch_size": batch_size, "seed": seed,
-                    "guidance_scale": guidance_scale, "temperature": temperature, "top_k": top_k, "top_p": top_p}
+                    **options}
         if state.is_main_process:
             _check_settings(samples, settings)
         state.wait_for_everyone()
         paths, kept = generate_samples(pipeline, samples, classes=classes, images_per_class=images_per_class,
                                        batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
-                                       temperature=temperature, top_k=top_k, top_p=top_p)
+                                       temperature=temperature, top_k=top_k, top_p=top_p,
+                                       num_inference_steps=num_inference_steps, snap_to_codebook=snap_to_codebook)
         missing = [path for path in paths if not path.is_file()]
         if missing:
             raise RuntimeError(f"{len(missing)} of {len(paths)} samples were not written (first: {missing[0]})")

@@ -1,4 +1,5 @@
-"""Stage two: autoregressive generators over image tokens (token ids are ints in [0, codebook_size))."""
+"""Stage two: generators over a tokenizer's codes: the autoregressive GPT over token ids (ints in
+[0, codebook_size)) and the optional DiT / flow model over quantized latents (``latent_flow``)."""
 
 from .gpt import GPT_SIZES, FullVQGPT, FullVQGPTConfig, FullVQGPTOutput, GridRotaryEmbedding, swiglu_hidden_size
 from .sampling import build_logits_processor, classifier_free_guidance, guidance_scales, sample

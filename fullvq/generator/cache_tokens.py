@@ -9,7 +9,10 @@ codes without decoding a single image. The cache is a folder::
     shard-00000/ ...          # datasets.save_to_disk folders, memory-mapped when read
 
 with columns ``tokens`` (num_augmentations x h*w ints: int16 when codebook_size <= 32,768, else
-int32), ``label`` and ``index`` (the image's position in the source). Shard ``n`` holds source
+int32), ``label`` and ``index`` (the image's position in the source). ``--latents`` also stores
+the tokenizer's effective codebook (``codebook.safetensors``, K x D float32): the quantized latents
+a DiT / flow head trains on are then read as ``codebook[tokens]`` (exactly the tokenizer's z_q, at
+a 2-byte id per cell instead of D floats). Shard ``n`` holds source
 images ``[n * shard_size, (n + 1) * shard_size)``; under ``accelerate launch`` process ``r`` of
 ``W`` writes shards ``r, r + W, ...``. A shard is written to a temporary folder and renamed when
 complete, so re-running the same command (with any number of processes) skips the finished ones.
@@ -34,6 +37,7 @@ from torch.utils.data import DataLoader, Dataset
 from ..config import ConfigError
 
 CACHE_FILE = "fullvq_tokens.json"
+CODEBOOK_FILE = "codebook.safetensors"
 SHARD_DONE_FILE = "fullvq_shard.json"
 CACHE_FORMAT = "fullvq-tokens"
 CACHE_VERSION = 1
@@ -148,6 +152,17 @@ class TokenCache(Dataset):
     def num_augmentations(self) -> int:
         return self.info["num_augmentations"]
 
+    def codebook(self) -> torch.Tensor:
+        """The (K, D) codebook stored by ``cache-tokens --latents``: latents are ``codebook[tokens]``."""
+        from safetensors.torch import load_file
+
+        path = self.path / CODEBOOK_FILE
+        if not self.info.get("latents") or not path.is_file():
+            raise ConfigError(f"token cache {self.path} holds token ids only; re-run the same fullvq cache-tokens "
+                              "command with --latents to add the codebook the latents are read through "
+                              "(finished shards are kept)")
+        return load_file(str(path))["codebook"]
+
     def labels(self) -> np.ndarray:
         """Every image's class label (int64), without reading the tokens."""
         return np.asarray(self.table["label"], dtype=np.int64)
@@ -253,6 +268,7 @@ def cache_tokens(
     shard_size: int = 10_000,
     num_workers: int = 2,
     limit: int | None = None,
+    latents: bool = False,
 ) -> dict:
     """Encode ``source`` with the tokenizer saved in folder ``tokenizer`` into a token cache at
     ``output_dir`` (see the module docstring for the layout). Runs on every process of an
@@ -267,6 +283,8 @@ def cache_tokens(
         batch_size: images per encoder batch (each with all its views).
         shard_size: images per shard folder.
         limit: encode only the first ``limit`` source images (quick trials).
+        latents: also store the tokenizer's codebook, so the cache serves a DiT / flow head (its
+            latents are ``codebook[tokens]``); may be added to a finished cache by re-running.
 
     Returns:
         The cache description written to ``fullvq_tokens.json``.
@@ -380,6 +398,15 @@ def cache_tokens(
             raise RuntimeError(f"shards {missing[:5]} of {output_dir} were not written; re-run the same command")
         info.update(complete=True, shards=names, count=sum(d["count"] for d in done),
                     num_skipped=sum(d["skipped"] for d in done))
+        if latents:
+            from safetensors.torch import save_file
+
+            with torch.no_grad():
+                codebook = model.quantize.codebook().float().cpu().contiguous()
+            partial = output_dir / (CODEBOOK_FILE + ".partial")
+            save_file({"codebook": codebook}, str(partial), metadata={"tokenizer_sha256": info["tokenizer_sha256"]})
+            partial.replace(output_dir / CODEBOOK_FILE)
+            info["latents"] = {"codebook": CODEBOOK_FILE, "codebook_dim": int(codebook.shape[1])}
         (output_dir / CACHE_FILE).write_text(json.dumps(info, indent=2))
         print(f"wrote {info['count']} images x {info['num_augmentations']} views of {grid[0]}x{grid[1]} tokens to "
               f"{output_dir} ({info['num_skipped']} unreadable skipped)")
@@ -404,12 +431,14 @@ def main(argv: list[str] | None = None, prog: str = "fullvq cache-tokens") -> in
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard folder")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
     parser.add_argument("--limit", type=int, default=None, help="cache only the first N images")
+    parser.add_argument("--latents", action="store_true",
+                        help="also store the codebook, so a DiT / flow head can train on the quantized latents")
     args = parser.parse_args(argv)
     try:
         cache_tokens(args.tokenizer, args.source, args.output, resolution=args.resolution,
                      augmentation=args.augmentation, split=args.split, image_column=args.image_column,
                      label_column=args.label_column, batch_size=args.batch_size, shard_size=args.shard_size,
-                     num_workers=args.num_workers, limit=args.limit)
+                     num_workers=args.num_workers, limit=args.limit, latents=args.latents)
     except (ConfigError, FileNotFoundError) as error:
         parser.error(str(error))
     return 0
@@ -418,6 +447,7 @@ def main(argv: list[str] | None = None, prog: str = "fullvq cache-tokens") -> in
 __all__ = [
     "AUGMENTATIONS",
     "CACHE_FILE",
+    "CODEBOOK_FILE",
     "TokenCache",
     "augmentation_views",
     "cache_tokens",

@@ -9,6 +9,8 @@ codebook receives a gradient at every step, whichever codes were selected.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,14 +40,15 @@ class BridgeAttention(nn.Module):
 
 
 class BridgeBlock(nn.Module):
-    """Pre-LayerNorm transformer block; LayerNorms without affine, MLP ratio 2, GELU-tanh."""
+    """Pre-LayerNorm transformer block; LayerNorms without affine (unless ``norm_affine``), MLP ratio
+    2, GELU-tanh."""
 
-    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 2.0):
+    def __init__(self, width: int, num_heads: int, mlp_ratio: float = 2.0, norm_affine: bool = False):
         super().__init__()
         hidden = int(width * mlp_ratio)
-        self.norm1 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm1 = nn.LayerNorm(width, elementwise_affine=norm_affine, eps=1e-6)
         self.attn = BridgeAttention(width, num_heads)
-        self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.norm2 = nn.LayerNorm(width, elementwise_affine=norm_affine, eps=1e-6)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -53,26 +56,92 @@ class BridgeBlock(nn.Module):
         return x + self.mlp(self.norm2(x))
 
 
+LAYOUTS = ("groups", "square")
+
+
+def sincos_position_embedding(width: int, side: int) -> torch.Tensor:
+    """(side^2, width) fixed 2D sin-cos embedding of a row-major side x side token grid, laid out as
+    MAE / DiT lay it out: [sin, cos] of the column index in the first half, of the row index in the
+    second, frequencies 1 / 10000^(k / (width / 4))."""
+    if width % 4:
+        raise ValueError(f"a 2D sin-cos position embedding needs a width divisible by 4, got {width}")
+    omega = 1.0 / 10000 ** (torch.arange(width // 4, dtype=torch.float64) / (width // 4))
+    rows, cols = torch.meshgrid(torch.arange(side, dtype=torch.float64), torch.arange(side, dtype=torch.float64),
+                                indexing="ij")
+
+    def encode(position: torch.Tensor) -> torch.Tensor:
+        angles = position.reshape(-1, 1) * omega
+        return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+    return torch.cat([encode(cols), encode(rows)], dim=1).float()
+
+
 class VQBridge(nn.Module):
-    """Maps a (K, D) codebook to (K, D); no positional embedding and no residual from the input."""
+    """Maps a (K, D) codebook to (K, D); no positional embedding and no residual from the input.
+
+    ``layout`` says which codes share a token: ``"groups"``: G consecutive codes (any K divisible by
+    G); ``"square"``: the official code's, the codebook as a sqrt(K) x sqrt(K) image (code k at row
+    k // sqrt(K), column k % sqrt(K)) cut into P x P patches, G = P^2. Both are the same model up to
+    a fixed permutation of code indices; ``"square"`` keeps official checkpoints' indices.
+    Initialised as the official code: xavier-uniform weights, zero biases, zero recover layer.
+
+    Options for FVQ's DiT-style bridge (its constant adaLN modulation folds into these exactly):
+    ``norm_affine`` gives every LayerNorm a weight and bias; ``position_embedding`` adds a fixed 2D
+    sin-cos embedding to the tokens (``"square"`` layout; ``num_codes`` sets the grid).
+    """
 
     def __init__(self, codebook_dim: int, group_size: int, width: int, depth: int = 2, num_heads: int = 4,
-                 mlp_ratio: float = 2.0):
+                 mlp_ratio: float = 2.0, layout: str = "groups", norm_affine: bool = False,
+                 position_embedding: bool = False, num_codes: int | None = None):
         super().__init__()
-        self.group_size = group_size
+        if layout not in LAYOUTS:
+            raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
+        self.group_size, self.layout = group_size, layout
+        self.patch_size = math.isqrt(group_size)
+        if layout == "square" and self.patch_size**2 != group_size:
+            raise ValueError(f"layout='square' needs group_size = P^2 (P x P patches), got {group_size}; use 16, 64, ...")
         self.compress = nn.Linear(group_size * codebook_dim, width)
-        self.blocks = nn.ModuleList(BridgeBlock(width, num_heads, mlp_ratio) for _ in range(depth))
-        self.norm = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
+        self.blocks = nn.ModuleList(BridgeBlock(width, num_heads, mlp_ratio, norm_affine) for _ in range(depth))
+        self.norm = nn.LayerNorm(width, elementwise_affine=norm_affine, eps=1e-6)
         self.recover = nn.Linear(width, group_size * codebook_dim)
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                # A default (uniform +-1/sqrt(fan_in)) compress bias dwarfs the tiny initial codebook,
+                # so every token starts the same and usage grows slowly (measured in the codebook benchmark).
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
         nn.init.zeros_(self.recover.weight)
-        nn.init.zeros_(self.recover.bias)
+        if position_embedding:
+            if layout != "square" or num_codes is None:
+                raise ValueError("position_embedding needs layout='square' and num_codes (the codebook size)")
+            side = math.isqrt(num_codes) // self.patch_size
+            self.register_buffer("position_embedding", sincos_position_embedding(width, side))
+        else:
+            self.position_embedding = None
+
+    def _tokens(self, codebook: torch.Tensor) -> torch.Tensor:
+        num_codes, dim = codebook.shape
+        if self.layout == "groups":
+            return codebook.reshape(1, num_codes // self.group_size, self.group_size * dim)
+        side, p = math.isqrt(num_codes), self.patch_size
+        patches = codebook.reshape(side // p, p, side // p, p, dim).permute(0, 2, 1, 3, 4)
+        return patches.reshape(1, (side // p) ** 2, p * p * dim)  # token features ordered (p, q, channel)
+
+    def _codes(self, tokens: torch.Tensor, num_codes: int, dim: int) -> torch.Tensor:
+        if self.layout == "groups":
+            return tokens.reshape(num_codes, dim)
+        side, p = math.isqrt(num_codes), self.patch_size
+        image = tokens.reshape(side // p, side // p, p, p, dim).permute(0, 2, 1, 3, 4)
+        return image.reshape(num_codes, dim)
 
     def forward(self, codebook: torch.Tensor) -> torch.Tensor:
         num_codes, dim = codebook.shape
-        x = self.compress(codebook.reshape(1, num_codes // self.group_size, self.group_size * dim))
+        x = self.compress(self._tokens(codebook))
+        if self.position_embedding is not None:
+            x = x + self.position_embedding
         for block in self.blocks:
             x = block(x)
-        return self.recover(self.norm(x)).reshape(num_codes, dim)
+        return self._codes(self.recover(self.norm(x)), num_codes, dim)
 
 
 class FVQQuantizer(CodebookQuantizer):
@@ -83,7 +152,11 @@ class FVQQuantizer(CodebookQuantizer):
             K <= 16,384, else 64 (the paper's P = 4 and P = 8).
         width: bridge width; default ``codebook_dim`` (the paper's best: width equal to D).
         depth: transformer blocks (2 is best; 1 underfits, 4 degrades).
-        num_heads: attention heads; default ``max(1, width // 64)``.
+        num_heads: attention heads; default 4 (the official code's, at every width) where the
+            width allows, else 1.
+        layout: ``"groups"`` (G consecutive codes per token) or ``"square"`` (official P x P patches
+            of the sqrt(K) x sqrt(K) codebook image; K a perfect square divisible by P^2).
+        norm_affine, position_embedding: FVQ's DiT-style bridge (see ``VQBridge``); off in the paper's.
     """
 
     def __init__(
@@ -96,6 +169,9 @@ class FVQQuantizer(CodebookQuantizer):
         depth: int = 2,
         num_heads: int | None = None,
         mlp_ratio: float = 2.0,
+        layout: str = "groups",
+        norm_affine: bool = False,
+        position_embedding: bool = False,
         **kwargs,
     ):
         super().__init__(codebook_size, codebook_dim, **kwargs)
@@ -106,15 +182,23 @@ class FVQQuantizer(CodebookQuantizer):
                 f"codebook_size={codebook_size} is not divisible by group_size={group_size}; choose a "
                 f"multiple of {group_size} (e.g. {multiple}) or set group_size to a divisor of {codebook_size}"
             )
+        if layout == "square":
+            side, patch = math.isqrt(codebook_size), math.isqrt(group_size)
+            if side * side != codebook_size or patch * patch != group_size or side % patch:
+                raise ValueError(
+                    f"layout='square' needs codebook_size a perfect square (got {codebook_size}) whose side is "
+                    f"divisible by the patch side sqrt(group_size) (group_size={group_size}); use layout='groups'"
+                )
         width = width or codebook_dim
-        num_heads = num_heads or max(1, width // 64)
-        self.group_size = group_size
+        num_heads = num_heads or (4 if width % 4 == 0 else 1)
+        self.group_size, self.layout = group_size, layout
         self.base_codebook = nn.Embedding(codebook_size, codebook_dim)
         nn.init.uniform_(self.base_codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
-        self.bridge = VQBridge(codebook_dim, group_size, width, depth, num_heads, mlp_ratio)
+        self.bridge = VQBridge(codebook_dim, group_size, width, depth, num_heads, mlp_ratio, layout, norm_affine,
+                               position_embedding, codebook_size)
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.bridge(self.base_codebook.weight))
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + f", group_size={self.group_size}"
+        return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout!r}"
