@@ -92,11 +92,11 @@ def _write_photos(folder: Path, resolution: int, num_train: int, num_held_out: i
             scaled.crop((x, y, x + resolution, y + resolution)).save(target / f"{name}-{n:05d}.png")
 
 
-def _write_digits(folder: Path, resolution: int) -> None:
+def _write_digits(folder: Path, resolution: int, limit: int | None = None) -> None:
     from fullvq.data import _mnist_digits
 
     images, labels = _mnist_digits()
-    for index, (digit, label) in enumerate(zip(images, labels.tolist())):
+    for index, (digit, label) in enumerate(zip(images[:limit], labels[:limit].tolist())):
         split = "validation" if index % 10 == 0 else "train"
         target = folder / split / str(label)
         target.mkdir(parents=True, exist_ok=True)
@@ -109,14 +109,17 @@ def _write_digits(folder: Path, resolution: int) -> None:
         image.save(target / f"{index:05d}.png")
 
 
-def prepare_dataset(name: str, out: Path, resolution: int, seed: int, photo_counts: tuple[int, int]) -> Path:
+def prepare_dataset(name: str, out: Path, resolution: int, seed: int, photo_counts: tuple[int, int],
+                    digits_limit: int | None = None) -> Path:
     """The set as an image folder with ``train/`` and ``validation/`` splits (written once)."""
-    folder = out / "data" / f"{name}-{resolution}px"
+    size = f"-first{digits_limit}" if name == "digits" and digits_limit else (
+        f"-{photo_counts[0]}+{photo_counts[1]}" if name == "photos" else "")
+    folder = out / "data" / f"{name}-{resolution}px{size}"
     done = folder / "DONE"
     if done.is_file():
         return folder
     if name == "digits":
-        _write_digits(folder, resolution)
+        _write_digits(folder, resolution, digits_limit)
     elif name == "photos":
         _write_photos(folder, resolution, *photo_counts, seed)
     else:
@@ -379,6 +382,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                         help="encoder/decoder widths per level (downsampling 2^(levels - 1))")
     parser.add_argument("--codebook-dim", type=int, default=32, help="D (vq-l2-lowdim uses 8)")
     parser.add_argument("--photo-images", nargs=2, type=int, default=[4500, 1000], metavar=("TRAIN", "HELD_OUT"))
+    parser.add_argument("--digits-limit", type=int, default=None, help="use only the first N digits (quick checks)")
     parser.add_argument("--fid-images", type=int, default=100, help="held-out images in each rFID (the same for every run)")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (processes)")
@@ -396,7 +400,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     weights = inception_weights(args.inception_weights, args.out)
     specs = []
     for dataset in args.datasets:
-        folder = prepare_dataset(dataset, args.out, args.resolution, args.seed, tuple(args.photo_images))
+        folder = prepare_dataset(dataset, args.out, args.resolution, args.seed, tuple(args.photo_images),
+                                 args.digits_limit)
         reference = reference_statistics(folder, args.resolution, args.fid_images, weights)
         for quantizer in args.quantizers:
             for size in args.sizes:

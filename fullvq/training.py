@@ -393,6 +393,7 @@ class Trainer:
     def prepare(self) -> None:
         """Wrap the stage's models and optimisers for the devices (DDP, mixed precision), set up EMA
         and restore the checkpoint to resume from. ``fit`` calls it; benchmarks call it alone."""
+        from accelerate.utils import set_seed
         from diffusers.training_utils import EMAModel
 
         acc, stage = self.accelerator, self.stage
@@ -404,6 +405,9 @@ class Trainer:
             stage.optimizers[name] = prepared[len(names) + i]
         decay = self.config.ema_decay
         self.ema = EMAModel(self._ema_parameters(), decay=decay, foreach=True) if decay else None
+        # Models are built and synced: from here each process draws its own noise, dropout and label
+        # drops (a resumed run gets every process's saved RNG state back below).
+        set_seed(self.config.seed + acc.process_index)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.step}")

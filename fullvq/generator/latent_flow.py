@@ -100,7 +100,7 @@ def diffusion_loss(transformer, objective: str, latents: torch.Tensor, labels: t
                    scheduler=None) -> torch.Tensor:
     """The training loss on normalised latents (B, C, h, w) with (already dropped) labels: MSE to the
     noise (``ddpm``) or to the velocity ``noise - latents`` (``flow``). Noise and timesteps come from
-    torch's global RNG (the Trainer seeds it per step)."""
+    torch's global RNG (the Trainer seeds it per process and restores it on resume)."""
     batch = latents.shape[0]
     noise = torch.randn_like(latents)
     if objective == "ddpm":
@@ -161,7 +161,8 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
     for t in (progress(steps) if progress else steps):
         model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
         output = guided_prediction(transformer, model_input, t.to(device), labels, guidance_scale)
-        step_kwargs = {} if is_flow(scheduler) else {"generator": generator} if _takes_generator(scheduler) else {}
+        # Stochastic samplers (DDPM, DDIM with eta > 0) draw their noise from the same generator.
+        step_kwargs = {"generator": generator} if _takes_generator(scheduler) else {}
         latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
     return latents
 
