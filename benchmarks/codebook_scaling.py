@@ -13,7 +13,9 @@ Quantizers: ``vq`` (plain, learnable codebook), ``vq-l2-lowdim`` (LlamaGen: 8-di
 codes), ``simvq`` (frozen random codebook + linear map), ``lc`` (VQGAN-LC: frozen k-means codebook +
 linear projector; offline there is no pretrained vision encoder, so the k-means runs on the pixel
 patch each token covers), ``fvq`` (VQBridge, annealed lr) and ``fvq-no-annealing`` (same, constant lr
-after the warm-up). Every other run uses FVQ's annealing schedule.
+after the warm-up). Every other run uses FVQ's annealing schedule. ``--bridge-init pytorch`` reruns the
+fvq rows with PyTorch's default init of VQBridge instead of the official one (an ablation; use
+``--results-name`` to keep its files apart).
 
 Reported per run, on held-out images: codebook usage (bincount over every held-out token, the
 token count beside it), perplexity, PSNR over every held-out image and rFID over the first
@@ -21,9 +23,10 @@ token count beside it), perplexity, PSNR over every held-out image and rFID over
 (train + held-out), whose token count is large enough to tell usage at every K. ``uniform_ceiling``
 is the usage a perfectly uniform code distribution would show with that many tokens.
 
-Writes ``results.json``, ``table.md`` and ``codebook_scaling.png`` to ``--out``; finished runs are
-reused when the script is run again. Defaults take about 50 minutes on 2 CPU cores;
-``--sizes 1024 4096 16384 65536 --steps 2000 --resolution 64`` and more workers suit a GPU box.
+Writes ``results.json``, ``results.md`` (the table) and ``results.png`` to ``--out``; finished runs are
+reused when the script is run again. Defaults took 4,100 s on a 2-core CPU machine (2 runs at a time);
+on a GPU machine training goes to the GPU (accelerate) and larger settings fit, e.g.
+``--sizes 1024 4096 16384 65536 --steps 2000 --batch-size 64`` (evaluation stays on the CPU).
 
     python benchmarks/codebook_scaling.py --out benchmarks/results/codebook_scaling
 """
@@ -155,6 +158,7 @@ class RunSpec:
     inception_weights: str
     seed: int
     threads: int
+    bridge_init: str = "official"  # fvq rows: VQBridge init (an ablation: "pytorch")
 
     @property
     def name(self) -> str:
@@ -172,6 +176,8 @@ def model_settings(spec: RunSpec) -> dict:
     settings["quantizer"], settings["quantizer_kwargs"] = quantizer
     if spec.quantizer == "vq-l2-lowdim":
         settings["codebook_dim"] = LOWDIM
+    if settings["quantizer"] == "fvq":
+        settings["quantizer_kwargs"] = {"init": spec.bridge_init}
     return settings
 
 
@@ -244,7 +250,8 @@ def run_one(spec: RunSpec) -> dict:
     from fullvq.tokenizer.train import TokenizerTrainConfig, train_tokenizer
     from fullvq.training import latest_checkpoint
 
-    run = Path(spec.out) / "runs" / spec.dataset / f"{spec.quantizer}-{spec.codebook_size}"
+    suffix = f"-{spec.bridge_init}-init" if spec.quantizer.startswith("fvq") and spec.bridge_init != "official" else ""
+    run = Path(spec.out) / "runs" / spec.dataset / f"{spec.quantizer}-{spec.codebook_size}{suffix}"
     result_path = run / "result.json"
     if result_path.is_file():
         return json.loads(result_path.read_text())
@@ -273,7 +280,8 @@ def run_one(spec: RunSpec) -> dict:
     model = FVQModel.from_pretrained(str(run / "model")).eval()
     row = {"dataset": spec.dataset, "quantizer": spec.quantizer, "codebook_size": spec.codebook_size,
            "codebook_dim": settings["codebook_dim"], "steps": spec.steps, "batch_size": spec.batch_size,
-           "lr_schedule": schedule, **evaluate(spec, model),
+           "lr_schedule": schedule, "bridge_init": spec.bridge_init if settings["quantizer"] == "fvq" else None,
+           **evaluate(spec, model),
            "train_seconds": round(trained - started, 1), "eval_seconds": round(time.time() - trained, 1)}
     result_path.write_text(json.dumps(row, indent=2) + "\n")
     return row
@@ -388,6 +396,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--bridge-init", choices=("official", "pytorch"), default="official",
+                        help="fvq rows: VQBridge init (official: xavier weights, zero biases)")
+    parser.add_argument("--results-name", default="results",
+                        help="name of the JSON / table / PNG written to --out (keep ablations apart)")
     args = parser.parse_args(argv)
     if any(k < 2 for k in args.sizes):
         parser.error(f"--sizes {args.sizes}: every codebook size must be at least 2")
@@ -408,7 +420,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
                 specs.append(RunSpec(dataset, str(folder), quantizer, size, str(args.out), args.steps,
                                      args.batch_size, args.learning_rate, args.resolution, tuple(args.channels),
                                      args.codebook_dim, args.fid_images, str(reference), weights, args.seed,
-                                     args.threads))
+                                     args.threads, args.bridge_init))
     specs.sort(key=lambda s: -s.codebook_size)  # largest first: the pool ends evenly
     rows = []
     bar = tqdm(total=len(specs), desc="codebook scaling runs", unit="run")
@@ -428,11 +440,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     rows.sort(key=lambda r: (DATASETS.index(r["dataset"]), order[r["quantizer"]], r["codebook_size"]))
     settings = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
     summary = {"settings": settings, "seconds": round(time.time() - started, 1), "runs": rows}
-    (args.out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
-    table = write_table(rows, args.out / "table.md")
-    plot(rows, args.out / "codebook_scaling.png")
+    name = args.results_name
+    (args.out / f"{name}.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = write_table(rows, args.out / f"{name}.md")
+    plot(rows, args.out / f"{name}.png")
     print(table)
-    print(f"wrote {args.out / 'results.json'}, table.md and codebook_scaling.png in {summary['seconds']:.0f} s")
+    print(f"wrote {args.out / name}.json, .md and .png in {summary['seconds']:.0f} s")
     return rows
 
 

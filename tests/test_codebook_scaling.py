@@ -60,8 +60,8 @@ def test_benchmark_writes_one_row_per_run_a_table_and_a_plot_and_reuses_finished
         assert row["fid_images"] == 6
     summary = json.loads((tmp_path / "results.json").read_text())
     assert len(summary["runs"]) == 8 and summary["settings"]["steps"] == 3
-    table = (tmp_path / "table.md").read_text().splitlines()
+    table = (tmp_path / "results.md").read_text().splitlines()
     assert len(table) == 2 + 8 and "usage % (held-out tokens)" in table[0]
-    assert (tmp_path / "codebook_scaling.png").stat().st_size > 10_000
+    assert (tmp_path / "results.png").stat().st_size > 10_000
     again = bench.main(args)  # every run is read back from its result.json
     assert again == rows

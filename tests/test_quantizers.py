@@ -55,6 +55,39 @@ def test_fvq_bridge_starts_at_zero_and_only_its_last_layer_learns_at_step_zero()
     assert fvq.base_codebook.weight.grad.abs().sum() == 0
 
 
+def test_fvq_bridge_init_is_the_official_one_unless_pytorch_is_asked_for():
+    official = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4)
+    pytorch = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, init="pytorch")
+    linears = lambda q: [m for m in q.bridge.modules() if isinstance(m, torch.nn.Linear)]  # noqa: E731
+    assert all(torch.count_nonzero(m.bias) == 0 for m in linears(official))
+    assert torch.count_nonzero(pytorch.bridge.compress.bias) > 0
+    compress = official.bridge.compress.weight
+    bound = (6 / sum(compress.shape)) ** 0.5  # xavier-uniform
+    assert compress.abs().max() <= bound and compress.abs().max() > 0.9 * bound
+    for q in (official, pytorch):  # either way C_hat starts at zero
+        assert torch.count_nonzero(q.codebook()) == 0
+    with pytest.raises(ValueError, match="init='xavier' is not one of"):
+        build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, init="xavier")
+
+
+def test_fvq_square_layout_is_the_grouped_one_up_to_a_fixed_code_permutation():
+    grouped = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4)
+    square = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, layout="square")
+    square.load_state_dict(grouped.state_dict())
+    torch.nn.init.normal_(grouped.bridge.recover.weight)
+    square.bridge.recover.weight.data.copy_(grouped.bridge.recover.weight)
+    # Code k of the 8 x 8 image sits in patch (row // 2, col // 2) at (row % 2, col % 2).
+    rows, cols = torch.arange(64) // 8, torch.arange(64) % 8
+    grouped_index = ((rows // 2) * 4 + cols // 2) * 4 + (rows % 2) * 2 + cols % 2
+    base = torch.randn(64, 8)
+    with torch.no_grad():
+        grouped.base_codebook.weight.copy_(base[torch.argsort(grouped_index)])
+        square.base_codebook.weight.copy_(base)
+        torch.testing.assert_close(square.codebook(), grouped.codebook()[grouped_index])
+    with pytest.raises(ValueError, match="perfect square"):
+        build_quantizer("fvq", codebook_size=128, codebook_dim=8, group_size=4, layout="square")
+
+
 def test_fvq_group_size_defaults_follow_the_paper_and_bad_sizes_are_refused():
     assert default_group_size(16384) == 16
     assert default_group_size(65536) == 64
