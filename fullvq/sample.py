@@ -57,9 +57,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None, prog: str = "fullvq sample") -> int:
     args = build_parser(prog).parse_args(argv)
-    import inspect
-
     from fullvq.pipelines import load_pipeline
+    from fullvq.pipelines.base import sampling_kwargs
     from fullvq.training import save_image_grid
     from torchvision.utils import save_image
 
@@ -69,7 +68,7 @@ def main(argv: list[str] | None = None, prog: str = "fullvq sample") -> int:
     options = {name: value for name, value in options.items() if value is not None}
     try:
         pipe = load_pipeline(args.pipeline, dtype=getattr(torch, args.dtype)).to(args.device)
-        accepted = inspect.signature(pipe.__call__).parameters
+        accepted = sampling_kwargs(pipe, **options)
         foreign = [name for name in options if name not in accepted]
         if foreign:
             flags = ", ".join("--" + name.replace("_", "-") for name in foreign)

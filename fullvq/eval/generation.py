@@ -24,6 +24,8 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from fullvq.pipelines.base import sampling_kwargs
+
 from .metrics import (
     ImageFiles,
     InceptionExtractor,
@@ -69,15 +71,6 @@ def _check_settings(folder: Path, settings: dict) -> None:
         return
     folder.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(settings, indent=2) + "\n")
-
-
-def sampling_kwargs(pipeline, **options) -> dict:
-    """The sampling settings this pipeline's call takes: guidance / temperature / top-k / top-p for
-    a ``FullVQPipeline``, guidance / steps / snapping for a ``LatentFlowPipeline``."""
-    import inspect
-
-    accepted = inspect.signature(pipeline.__call__).parameters
-    return {key: value for key, value in options.items() if key in accepted}
 
 
 @torch.no_grad()

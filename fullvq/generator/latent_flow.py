@@ -16,6 +16,8 @@ them; the pipeline stores both and undoes it before decoding.
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
@@ -158,19 +160,14 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
     scheduler.set_timesteps(num_inference_steps, device=device)
     labels = labels.to(device)
     steps = scheduler.timesteps
+    scales_input = hasattr(scheduler, "scale_model_input")  # flow matching's Euler scheduler does not
+    # Stochastic samplers (DDPM, DDIM with eta > 0) draw their noise from the same generator.
+    step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in (progress(steps) if progress else steps):
-        model_input = scheduler.scale_model_input(latents, t) if hasattr(scheduler, "scale_model_input") else latents
+        model_input = scheduler.scale_model_input(latents, t) if scales_input else latents
         output = guided_prediction(transformer, model_input, t.to(device), labels, guidance_scale)
-        # Stochastic samplers (DDPM, DDIM with eta > 0) draw their noise from the same generator.
-        step_kwargs = {"generator": generator} if _takes_generator(scheduler) else {}
         latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
     return latents
-
-
-def _takes_generator(scheduler) -> bool:
-    import inspect
-
-    return "generator" in inspect.signature(scheduler.step).parameters
 
 
 __all__ = [

@@ -142,6 +142,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
+def sampling_kwargs(pipeline, **options) -> dict:
+    """The sampling settings this pipeline's call takes: guidance / temperature / top-k / top-p for
+    a ``FullVQPipeline``, guidance / steps / snapping for a ``LatentFlowPipeline``."""
+    import inspect
+
+    accepted = inspect.signature(pipeline.__call__).parameters
+    return {key: value for key, value in options.items() if key in accepted}
+
+
 def check_image_size(tokenizer, sample_size: int | None) -> int:
     """The tokenizer's image side; a given ``sample_size`` must equal it."""
     image_size = int(tokenizer.config.sample_size)
