@@ -13,9 +13,10 @@ Quantizers: ``vq`` (plain, learnable codebook), ``vq-l2-lowdim`` (LlamaGen: 8-di
 codes), ``simvq`` (frozen random codebook + linear map), ``lc`` (VQGAN-LC: frozen k-means codebook +
 linear projector; offline there is no pretrained vision encoder, so the k-means runs on the pixel
 patch each token covers), ``fvq`` (VQBridge, annealed lr) and ``fvq-no-annealing`` (same, constant lr
-after the warm-up). Every other run uses FVQ's annealing schedule. ``--bridge-init pytorch`` reruns the
-fvq rows with PyTorch's default init of VQBridge instead of the official one (an ablation; use
-``--results-name`` to keep its files apart).
+after the warm-up). Every other run uses FVQ's annealing schedule. Ablations of the fvq rows (use
+``--results-name`` to keep their files apart): ``--bridge-init pytorch`` starts VQBridge's hidden
+layers with PyTorch's defaults instead of the official xavier / zero-bias init; ``--recover-std 0``
+starts its recover layer at exactly zero, as the official code (fullvq's default: N(0, 0.002^2)).
 
 Reported per run, on held-out images: codebook usage (bincount over every held-out token, the
 token count beside it), perplexity, PSNR over every held-out image and rFID over the first
@@ -24,7 +25,7 @@ token count beside it), perplexity, PSNR over every held-out image and rFID over
 is the usage a perfectly uniform code distribution would show with that many tokens.
 
 Writes ``results.json``, ``results.md`` (the table) and ``results.png`` to ``--out``; finished runs are
-reused when the script is run again. Defaults took 4,100 s on a 2-core CPU machine (2 runs at a time);
+reused when the script is run again. Defaults took 3,815 s on a 2-core CPU machine (2 runs at a time);
 on a GPU machine training goes to the GPU (accelerate) and larger settings fit, e.g.
 ``--sizes 1024 4096 16384 65536 --steps 2000 --batch-size 64`` (evaluation stays on the CPU).
 
@@ -131,10 +132,21 @@ def prepare_dataset(name: str, out: Path, resolution: int, seed: int, photo_coun
     return folder
 
 
-def load_split(folder: Path, split: str, resolution: int):
+def split_images(folder: Path, split: str, resolution: int) -> torch.Tensor:
+    """(N, 3, H, W) images of one split in [-1, 1], read through fullvq's image-folder loader once
+    and kept beside the folder (resolving 5,000 files' paths alone took ~10 s a split, every run)."""
+    from safetensors.torch import load_file, save_file
+
     from fullvq.data import build_dataset
 
-    return build_dataset(str(folder), resolution=resolution, train=False, split=split)
+    path = folder / f"{split}-{resolution}px.safetensors"
+    if not path.is_file():
+        dataset = build_dataset(str(folder), resolution=resolution, train=False, split=split)
+        images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
+        partial = path.with_suffix(".partial")
+        save_file({"images": images.contiguous()}, str(partial))
+        partial.replace(path)  # atomic: a killed run never leaves a short file behind
+    return load_file(str(path))["images"]
 
 
 # ----------------------------------------------------------------------------- one run
@@ -159,6 +171,7 @@ class RunSpec:
     seed: int
     threads: int
     bridge_init: str = "official"  # fvq rows: VQBridge init (an ablation: "pytorch")
+    recover_std: float | None = None  # fvq rows: VQBridge's recover-layer init std (None: the default)
 
     @property
     def name(self) -> str:
@@ -178,6 +191,8 @@ def model_settings(spec: RunSpec) -> dict:
         settings["codebook_dim"] = LOWDIM
     if settings["quantizer"] == "fvq":
         settings["quantizer_kwargs"] = {"init": spec.bridge_init}
+        if spec.recover_std is not None:
+            settings["quantizer_kwargs"]["recover_std"] = spec.recover_std
     return settings
 
 
@@ -193,10 +208,11 @@ def lc_codebook(spec: RunSpec, patch: int, path: Path) -> Path:
 
     if path.is_file():
         return path
-    dataset = load_split(Path(spec.data_folder), "train", spec.resolution)
-    images = torch.stack([dataset[i]["pixel_values"] for i in range(len(dataset))])
-    features = patch_features(images, patch)
-    result = kmeans(features, spec.codebook_size, num_iters=10, seed=spec.seed, progress=False)
+    features = patch_features(split_images(Path(spec.data_folder), "train", spec.resolution), patch)
+    # Seeding on 4 K rows and 6 Lloyd updates: the full k-means++ over all 288k patches cost ~5 min
+    # a set at K = 16,384, a sixth of the whole benchmark.
+    result = kmeans(features, spec.codebook_size, num_iters=6, init_sample_size=4 * spec.codebook_size,
+                    seed=spec.seed, progress=False)
     save_codebook(result.centers, path, {"features": f"{patch}x{patch} RGB pixel patches of the train split"})
     return path
 
@@ -209,16 +225,16 @@ def evaluate(spec: RunSpec, model) -> dict:
     folder = Path(spec.data_folder)
     figures, psnrs, fakes = {}, [], []
     for split in ("validation", "train"):
-        dataset = load_split(folder, split, spec.resolution)
         usage = figures[split] = CodebookUsage(spec.codebook_size)
-        for start in range(0, len(dataset), 100):
-            images = torch.stack([dataset[i]["pixel_values"] for i in range(start, min(start + 100, len(dataset)))])
+        for images in split_images(folder, split, spec.resolution).split(100):
+            if split == "train":  # only the codes: no decoder
+                usage.update(model.encode_indices(images))
+                continue
             out = model(images)
             usage.update(out.indices)
-            if split == "validation":  # figures on the uint8 images a PNG would hold
-                real_u8, fake_u8 = to_uint8(images), to_uint8(out.sample)
-                psnrs.append(psnr(real_u8.float() / 127.5 - 1, fake_u8.float() / 127.5 - 1))
-                fakes.append(fake_u8)
+            real_u8, fake_u8 = to_uint8(images), to_uint8(out.sample)  # figures on what a PNG would hold
+            psnrs.append(psnr(real_u8.float() / 127.5 - 1, fake_u8.float() / 127.5 - 1))
+            fakes.append(fake_u8)
     psnrs, fakes = torch.cat(psnrs), torch.cat(fakes)[: spec.fid_images]
     extractor = InceptionExtractor(spec.inception_weights, "cpu")
     fake_features = torch.cat([extractor(chunk)[0] for chunk in fakes.split(50)])
@@ -250,7 +266,10 @@ def run_one(spec: RunSpec) -> dict:
     from fullvq.tokenizer.train import TokenizerTrainConfig, train_tokenizer
     from fullvq.training import latest_checkpoint
 
-    suffix = f"-{spec.bridge_init}-init" if spec.quantizer.startswith("fvq") and spec.bridge_init != "official" else ""
+    suffix = ""
+    if spec.quantizer.startswith("fvq"):
+        suffix += f"-{spec.bridge_init}-init" if spec.bridge_init != "official" else ""
+        suffix += f"-recover-std-{spec.recover_std:g}" if spec.recover_std is not None else ""
     run = Path(spec.out) / "runs" / spec.dataset / f"{spec.quantizer}-{spec.codebook_size}{suffix}"
     result_path = run / "result.json"
     if result_path.is_file():
@@ -281,6 +300,7 @@ def run_one(spec: RunSpec) -> dict:
     row = {"dataset": spec.dataset, "quantizer": spec.quantizer, "codebook_size": spec.codebook_size,
            "codebook_dim": settings["codebook_dim"], "steps": spec.steps, "batch_size": spec.batch_size,
            "lr_schedule": schedule, "bridge_init": spec.bridge_init if settings["quantizer"] == "fvq" else None,
+           "recover_std": spec.recover_std if settings["quantizer"] == "fvq" else None,
            **evaluate(spec, model),
            "train_seconds": round(trained - started, 1), "eval_seconds": round(time.time() - trained, 1)}
     result_path.write_text(json.dumps(row, indent=2) + "\n")
@@ -304,9 +324,7 @@ def reference_statistics(folder: Path, resolution: int, fid_images: int, weights
     path = folder / f"reference-{fid_images}.npz"
     if path.is_file():
         return path
-    dataset = load_split(folder, "validation", resolution)
-    count = min(fid_images, len(dataset))
-    images = to_uint8(torch.stack([dataset[i]["pixel_values"] for i in range(count)]))
+    images = to_uint8(split_images(folder, "validation", resolution)[:fid_images])
     extractor = InceptionExtractor(weights, "cpu")
     features = torch.cat([extractor(chunk)[0] for chunk in images.split(50)])
     ReferenceStatistics.from_features(features, {"source": str(folder), "split": "validation"}).save(path)
@@ -398,6 +416,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--bridge-init", choices=("official", "pytorch"), default="official",
                         help="fvq rows: VQBridge init (official: xavier weights, zero biases)")
+    parser.add_argument("--recover-std", type=float, default=None,
+                        help="fvq rows: std of VQBridge's initial recover weights (0: the official all-zero "
+                             "start; default: the quantizer's, 0.002)")
     parser.add_argument("--results-name", default="results",
                         help="name of the JSON / table / PNG written to --out (keep ablations apart)")
     args = parser.parse_args(argv)
@@ -406,7 +427,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
 
     from tqdm.auto import tqdm
 
-    torch.set_num_threads(args.threads)
+    torch.set_num_threads(max(args.threads, args.workers))  # the set-up runs alone: use the cores the runs will
     args.out.mkdir(parents=True, exist_ok=True)
     started = time.time()
     weights = inception_weights(args.inception_weights, args.out)
@@ -414,13 +435,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     for dataset in args.datasets:
         folder = prepare_dataset(dataset, args.out, args.resolution, args.seed, tuple(args.photo_images),
                                  args.digits_limit)
+        split_images(folder, "train", args.resolution)  # cached here once, read by every run
         reference = reference_statistics(folder, args.resolution, args.fid_images, weights)
         for quantizer in args.quantizers:
             for size in args.sizes:
                 specs.append(RunSpec(dataset, str(folder), quantizer, size, str(args.out), args.steps,
                                      args.batch_size, args.learning_rate, args.resolution, tuple(args.channels),
                                      args.codebook_dim, args.fid_images, str(reference), weights, args.seed,
-                                     args.threads, args.bridge_init))
+                                     args.threads, args.bridge_init, args.recover_std))
     specs.sort(key=lambda s: -s.codebook_size)  # largest first: the pool ends evenly
     rows = []
     bar = tqdm(total=len(specs), desc="codebook scaling runs", unit="run")

@@ -64,10 +64,7 @@ def train_demo_tokenizer(out: Path, size: DemoSize, seed: int) -> Path:
     config = build_dataclass(TokenizerTrainConfig, {
         "model": {"sample_size": RESOLUTION, "block_out_channels": channels, "layers_per_block": 1,
                   "latent_channels": channels[-1] // 2, "norm_num_groups": 8,
-                  "quantizer": "fvq", "codebook_size": 1024, "codebook_dim": 16,
-                  # short runs at K = 1,024 keep far more codes alive with PyTorch's bridge init
-                  # (benchmarks/codebook_scaling.py ablation); the ImageNet recipes keep the official one
-                  "quantizer_kwargs": {"init": "pytorch"}},
+                  "quantizer": "fvq", "codebook_size": 1024, "codebook_dim": 16},
         "loss": {"perceptual_weight": 0.0, "gan_weight": 0.0},  # no VGG / GAN offline: L2 + VQ losses
         "data": {"source": "demo", "resolution": RESOLUTION},
         "train": {"output_dir": str(run), "seed": seed, "batch_size": 32, "max_steps": size.tokenizer_steps,

@@ -65,3 +65,10 @@ def test_benchmark_writes_one_row_per_run_a_table_and_a_plot_and_reuses_finished
     assert (tmp_path / "results.png").stat().st_size > 10_000
     again = bench.main(args)  # every run is read back from its result.json
     assert again == rows
+    # An fvq ablation keeps its own runs and files, and its setting reaches the model.
+    ablation = bench.main(args[:2] + ["--datasets", "digits", "--quantizers", "fvq", "--sizes", "16",
+                                      "--recover-std", "0", "--results-name", "ablation"] + args[8:])
+    assert len(ablation) == 1 and ablation[0]["recover_std"] == 0.0
+    config = json.loads((tmp_path / "runs" / "digits" / "fvq-16-recover-std-0" / "model" / "config.json").read_text())
+    assert config["quantizer_kwargs"]["recover_std"] == 0.0
+    assert (tmp_path / "ablation.md").is_file() and len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 8

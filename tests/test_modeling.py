@@ -121,7 +121,25 @@ def test_from_pretrained_refuses_missing_or_mismatched_weights(tmp_path, tiny_to
 
 def test_bad_model_settings_are_refused(tiny_tokenizer_config):
     with pytest.raises(ValueError, match="codebook_size=100 is not divisible by group_size=16"):
-        FVQModel(quantizer="fvq", codebook_size=100, codebook_dim=8, **tiny_tokenizer_config)
+        FVQModel(quantizer="fvq", codebook_size=100, codebook_dim=8, quantizer_kwargs={"group_size": 16},
+                 **tiny_tokenizer_config)
     bad = dict(tiny_tokenizer_config, block_out_channels=(12, 32, 32))
     with pytest.raises(ValueError, match="not divisible by norm_num_groups=8"):
         FVQModel(quantizer="vq", codebook_size=64, codebook_dim=8, **bad)
+
+
+def test_fvq_settings_derived_from_k_are_saved_so_a_new_default_cannot_change_a_saved_model(
+        tmp_path, tiny_tokenizer_config, monkeypatch):
+    from fullvq.tokenizer.quantizers import bridge
+
+    model = FVQModel(quantizer="fvq", codebook_size=64, codebook_dim=8, **tiny_tokenizer_config)
+    assert model.config.quantizer_kwargs == {"group_size": 1, "width": 8, "num_heads": 4}
+    given = FVQModel(quantizer="fvq", codebook_size=64, codebook_dim=8, quantizer_kwargs={"group_size": 4},
+                     **tiny_tokenizer_config)
+    assert given.config.quantizer_kwargs["group_size"] == 4 and given.quantize.group_size == 4
+    model.save_pretrained(tmp_path / "model")
+    monkeypatch.setattr(bridge, "default_group_size", lambda codebook_size: 16)
+    loaded = FVQModel.from_pretrained(tmp_path / "model")
+    assert loaded.quantize.group_size == 1
+    with torch.no_grad():
+        assert torch.equal(loaded.quantize.codebook(), model.quantize.codebook())

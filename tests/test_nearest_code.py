@@ -35,7 +35,8 @@ def test_search_is_exact_on_duplicated_codes_and_keeps_first_index():
     assert torch.equal(got, torch.arange(50))
 
 
-def test_search_block_memory_does_not_grow_with_codebook(monkeypatch):
+def allocation_sizes(monkeypatch) -> list[int]:
+    """Sizes of every ``torch.empty`` tensor made from now on (undo with ``monkeypatch.undo()``)."""
     sizes = []
     real_empty = torch.empty
 
@@ -45,6 +46,11 @@ def test_search_block_memory_does_not_grow_with_codebook(monkeypatch):
         return out
 
     monkeypatch.setattr(torch, "empty", spy)
+    return sizes
+
+
+def test_search_block_memory_does_not_grow_with_codebook(monkeypatch):
+    sizes = allocation_sizes(monkeypatch)
     nearest_code(torch.randn(64, 4), torch.randn(20000, 4), max_block_elements=4096)
     monkeypatch.undo()
     assert max(sizes) <= 20000  # the index output / code norms, never 64 x 20000
@@ -63,3 +69,12 @@ def test_search_runs_in_float32_under_autocast():
 def test_search_rejects_mismatched_dimensions():
     with pytest.raises(ValueError, match="same D"):
         nearest_code(torch.randn(4, 8), torch.randn(10, 16))
+
+
+def test_default_block_is_cache_sized_on_the_cpu(monkeypatch):
+    z, codebook = torch.randn(1024, 4), torch.randn(8192, 4)
+    sizes = allocation_sizes(monkeypatch)
+    got = nearest_code(z, codebook)
+    monkeypatch.undo()
+    assert max(sizes) == 2**20  # 1,024 tokens x 1,024 codes, not the GPU's 2^24 (the whole 1,024 x 8,192)
+    assert torch.equal(got, nearest_code(z, codebook, max_block_elements=2**24))

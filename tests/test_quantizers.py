@@ -31,7 +31,7 @@ def test_plain_vq_leaves_most_codes_dead_while_fvq_uses_nearly_all():
 
 
 def test_fvq_gives_every_base_code_a_gradient_and_vq_only_the_selected_ones():
-    fvq, _ = fit_toy("fvq", steps=5, codebook_size=256)
+    fvq, _ = fit_toy("fvq", steps=5, codebook_size=256, recover_std=0.0)
     assert fvq.bridge.recover.weight.abs().sum() > 0  # the zero-initialised layer has moved
     fvq.zero_grad()
     out = fvq(torch.randn(1, 16, 2, 2))  # 4 tokens select at most 4 of 256 codes
@@ -46,13 +46,31 @@ def test_fvq_gives_every_base_code_a_gradient_and_vq_only_the_selected_ones():
     assert torch.equal(has_grad.nonzero().flatten(), out.indices.flatten().unique())
 
 
-def test_fvq_bridge_starts_at_zero_and_only_its_last_layer_learns_at_step_zero():
-    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4)
+def test_fvq_official_start_is_zero_and_only_its_last_layer_learns_at_step_zero():
+    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, recover_std=0.0)
     assert torch.count_nonzero(fvq.codebook()) == 0
-    fvq(torch.randn(2, 8, 4, 4)).loss.backward()
+    out = fvq(torch.randn(2, 8, 4, 4))
+    assert (out.indices == 0).all()  # every code ties: all tokens go to code 0, slot 0 of G
+    out.loss.backward()
     assert fvq.bridge.recover.weight.grad.abs().sum() > 0
     assert fvq.bridge.compress.weight.grad.abs().sum() == 0
     assert fvq.base_codebook.weight.grad.abs().sum() == 0
+    with pytest.raises(ValueError, match="recover_std=-1.0 must be >= 0"):
+        build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, recover_std=-1.0)
+
+
+def test_fvq_default_start_is_near_zero_and_every_code_slot_is_selected_at_step_zero():
+    # Each of a bridge token's G code slots has its own recover rows, which learn only when a code of
+    # that slot is selected; the default start must reach every slot at once (the all-zero one: slot 0).
+    fvq = build_quantizer("fvq", codebook_size=1024, codebook_dim=16, group_size=16)
+    codebook = fvq.codebook()
+    assert 0 < codebook.pow(2).mean().sqrt() < 0.05
+    assert torch.unique(codebook, dim=0).shape[0] == 1024
+    out = fvq(torch.randn(4, 16, 16, 16) * 0.3)
+    assert torch.unique(out.indices % 16).numel() == 16
+    out.loss.backward()
+    slot_grads = fvq.bridge.recover.weight.grad.reshape(16, 16, -1).abs().sum(dim=(1, 2))
+    assert (slot_grads > 0).all()
 
 
 def test_fvq_bridge_init_is_the_official_one_unless_pytorch_is_asked_for():
@@ -64,8 +82,9 @@ def test_fvq_bridge_init_is_the_official_one_unless_pytorch_is_asked_for():
     compress = official.bridge.compress.weight
     bound = (6 / sum(compress.shape)) ** 0.5  # xavier-uniform
     assert compress.abs().max() <= bound and compress.abs().max() > 0.9 * bound
-    for q in (official, pytorch):  # either way C_hat starts at zero
-        assert torch.count_nonzero(q.codebook()) == 0
+    for q in (official, pytorch):  # either way the recover layer starts the same: N(0, 0.002^2), zero bias
+        assert torch.count_nonzero(q.bridge.recover.bias) == 0
+        assert 0.0015 < q.bridge.recover.weight.std() < 0.0025
     with pytest.raises(ValueError, match="init='xavier' is not one of"):
         build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, init="xavier")
 
@@ -89,13 +108,15 @@ def test_fvq_square_layout_is_the_grouped_one_up_to_a_fixed_code_permutation():
 
 
 def test_fvq_group_size_defaults_follow_the_paper_and_bad_sizes_are_refused():
-    assert default_group_size(16384) == 16
-    assert default_group_size(65536) == 64
-    assert default_group_size(262144) == 64
+    # The paper's points (1,024 tokens at 16k and 65k, G capped at 64), and ~1,024 tokens below 16k:
+    # G = 16 at K = 1,024 left 6 of 16 code slots alive (31 % usage) in benchmarks/codebook_scaling.py.
+    sizes = {1024: 1, 4096: 4, 16384: 16, 65536: 64, 262144: 64, 1000: 1, 10000: 4, 100000: 16}
+    assert {k: default_group_size(k) for k in sizes} == sizes
     fvq = build_quantizer("fvq", codebook_size=65536, codebook_dim=8)
     assert fvq.base_codebook.weight.shape[0] // fvq.group_size == 1024
+    assert build_quantizer("fvq", codebook_size=1024, codebook_dim=8).bridge.compress.in_features == 8
     with pytest.raises(ValueError, match="codebook_size=1000 is not divisible by group_size=16"):
-        build_quantizer("fvq", codebook_size=1000, codebook_dim=8)
+        build_quantizer("fvq", codebook_size=1000, codebook_dim=8, group_size=16)
     # Any K divisible by G works, not only perfect squares.
     assert build_quantizer("fvq", codebook_size=1000, codebook_dim=8, group_size=8).codebook().shape == (1000, 8)
 

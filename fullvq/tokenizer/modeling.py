@@ -97,6 +97,11 @@ class FVQModel(ModelMixin, ConfigMixin):
         self.quantize = build_quantizer(
             quantizer, codebook_size=codebook_size, codebook_dim=codebook_dim, **(quantizer_kwargs or {})
         )
+        # Write the settings the family derived from K and D (fvq: group size, width, heads) into the
+        # config, so that a saved model keeps its shapes and function if those defaults change.
+        derived = getattr(self.quantize, "derived_settings", {})
+        if any(key not in (quantizer_kwargs or {}) for key in derived):
+            self.register_to_config(quantizer_kwargs={**derived, **(quantizer_kwargs or {})})
         self.post_quant_conv = nn.Conv2d(codebook_dim, latent_channels, 1)
         self.decoder = Decoder(
             in_channels=latent_channels,

@@ -152,7 +152,8 @@ def write_usage_histogram(usage: CodebookUsage, path: Path, step: int | None = N
     path.parent.mkdir(parents=True, exist_ok=True)
     counts = usage.counts.detach().cpu().sort(descending=True).values.double()
     fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(range(len(counts)), (counts / counts.sum().clamp(min=1)).numpy(), width=1.0)
+    # One filled step curve: a bar per code is one matplotlib patch per code (31 s at K = 16,384).
+    ax.stairs((counts / counts.sum().clamp(min=1)).numpy(), fill=True)
     title = f"{usage.usage:.1%} of {usage.codebook_size} codes used, perplexity {usage.perplexity:.0f}"
     ax.set_title(title + (f" (step {step})" if step is not None else ""))
     ax.set_xlabel("code (sorted by frequency)")

@@ -15,8 +15,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# Largest (tokens x codes) block of distances held at once: 2**24 float32 = 64 MiB.
+# Largest (tokens x codes) block of float32 distances held at once: 2**24 = 64 MiB on a GPU, which
+# wants few large blocks; 2**20 = 4 MiB on the CPU, where a block that stays in cache searched 1,536
+# tokens against 16,384 codes 2.9x faster than a 64 MiB one.
 DEFAULT_MAX_BLOCK_ELEMENTS = 2**24
+CPU_MAX_BLOCK_ELEMENTS = 2**20
 
 
 @dataclass
@@ -43,7 +46,7 @@ def nearest_code(
     *,
     token_chunk: int | None = None,
     code_chunk: int | None = None,
-    max_block_elements: int = DEFAULT_MAX_BLOCK_ELEMENTS,
+    max_block_elements: int | None = None,
 ) -> torch.Tensor:
     """Index of the nearest code (squared L2) for every row of ``z``.
 
@@ -51,7 +54,7 @@ def nearest_code(
         z: (N, D) vectors.
         codebook: (K, D) codes.
         token_chunk, code_chunk: block shape; by default at most 4096 tokens and as many codes
-            as fit in ``max_block_elements``.
+            as fit in ``max_block_elements`` (default 2^24 on a GPU, 2^20 on the CPU).
 
     Returns:
         (N,) long tensor equal to ``argmin_k ||z_n - c_k||^2`` (first index on ties).
@@ -75,6 +78,8 @@ def nearest_code(
         codebook = codebook.float()
         code_sq = codebook.pow(2).sum(dim=1)
         token_chunk = token_chunk or min(num_tokens, 4096)
+        if max_block_elements is None:
+            max_block_elements = CPU_MAX_BLOCK_ELEMENTS if z.device.type == "cpu" else DEFAULT_MAX_BLOCK_ELEMENTS
         code_chunk = code_chunk or max(1, min(num_codes, max_block_elements // token_chunk))
         block = torch.empty(token_chunk, code_chunk, dtype=torch.float32, device=z.device)
         for t0 in range(0, num_tokens, token_chunk):
@@ -93,10 +98,17 @@ def nearest_code(
                     best_index.copy_(torch.where(better, index + k0, best_index))
                 else:
                     # On CPU a min without indices is ~3x faster than one with, and after the first
-                    # blocks few rows still improve: take argmin only for those rows.
+                    # blocks few rows still improve: take argmin only for those rows. Copying the rows
+                    # out costs more than an argmin over them, so when many improve (every row in the
+                    # first block) the argmin runs over the whole block instead.
                     value = out.amin(dim=1)
-                    rows = (value < best).nonzero().squeeze(1)
-                    if rows.numel():
+                    better = value < best
+                    improved = int(better.sum())
+                    if improved > out.shape[0] // 3:
+                        best_index.copy_(torch.where(better, out.argmin(dim=1) + k0, best_index))
+                        best = torch.where(better, value, best)
+                    elif improved:
+                        rows = better.nonzero().squeeze(1)
                         best_index[rows] = out.index_select(0, rows).argmin(dim=1) + k0
                         best[rows] = value[rows]
     return indices

@@ -2,9 +2,9 @@
 
 The K x D base codebook is cut into K / G tokens of G consecutive codes each (compress: one
 linear G*D -> width), processed by a few pre-LayerNorm transformer blocks, and mapped back to
-K x D (recover: LayerNorm, linear width -> G*D). The recover layer starts at zero, so C_hat
-starts at zero and grows from it. Because the map mixes all codes, every code of the base
-codebook receives a gradient at every step, whichever codes were selected.
+K x D (recover: LayerNorm, linear width -> G*D). The recover layer starts near zero (the official
+code: exactly zero), so C_hat starts near zero and grows from it. Because the map mixes all codes,
+every code of the base codebook receives a gradient at every step, whichever codes were selected.
 """
 
 from __future__ import annotations
@@ -18,9 +18,21 @@ from torch import nn
 from .base import CodebookQuantizer
 
 
+GROUP_SIZES = (64, 16, 4, 1)  # P x P patches, P = 8, 4, 2, 1
+
+
 def default_group_size(codebook_size: int) -> int:
-    """The paper's codes per token: 16 up to K = 16,384 (1,024 tokens), 64 above (1,024 / 4,096)."""
-    return 16 if codebook_size <= 16384 else 64
+    """Codes per bridge token, G: the paper keeps about 1,024 tokens (G = 16 at K = 16,384, 64 at
+    65,536) and caps G at 64 (4,096 tokens at 262,144); below 16,384 that rule gives G = K / 1,024
+    (1 at 1,024, 4 at 4,096). The largest of 64 / 16 / 4 / 1 that is at most K / 1,024 and divides K.
+
+    G is not only a cost: each of a token's G code slots has its own rows of the recover layer, and
+    those rows get a gradient only when one of that slot's codes is selected. A slot that loses
+    early stays dead with all its K / G codes (see ``RECOVER_INIT_STD``). With G = 16 at K = 1,024
+    (64 tokens) and the official all-zero start, 10 of 16 slots never woke in 300 steps on the
+    digits (31 % usage); G = 1 gave 100 % (benchmarks/codebook_scaling.py's autoencoder).
+    """
+    return next(g for g in GROUP_SIZES if g <= max(1, codebook_size // 1024) and codebook_size % g == 0)
 
 
 class BridgeAttention(nn.Module):
@@ -57,10 +69,18 @@ class BridgeBlock(nn.Module):
 
 
 LAYOUTS = ("groups", "square")
-# How the bridge's layers start (the recover layer always at zero). Measured in
-# benchmarks/codebook_scaling.py (300 steps, lr 4e-4): "official" keeps more codes alive at K = 16,384
-# on photos (63.9 % vs 26.0 %), PyTorch's default at K = 4,096 on digits (73.9 % vs 27.6 %).
+# How the bridge's hidden layers start: the official code's xavier weights and zero biases, or
+# PyTorch's defaults (whose uniform compress bias dwarfs the uniform(-1/K, 1/K) codebook, so that
+# every bridge token starts almost the same).
 BRIDGE_INITS = ("official", "pytorch")
+# Std of the recover layer's initial weights. The official code starts it at exactly zero: then every
+# code of C_hat is zero at step 0, every token ties and goes to code 0, and only code slot 0 of the
+# G slots gets a gradient; the other slots wake only while the zero point is some token's nearest
+# code. Digits, K = 16,384 (G = 16), benchmarks/codebook_scaling.py's autoencoder: 5 of 16 slots had
+# woken after 100 steps and usage ended at 26 % after 300. 0.002 keeps C_hat near zero but distinct,
+# so every slot is selected from step 0: 16 of 16 alive, 71 % after 300 steps; 0.02 gave 57 % (2
+# slots died in the first 20 steps). 0.0 reproduces the official start.
+RECOVER_INIT_STD = 0.002
 
 
 def sincos_position_embedding(width: int, side: int) -> torch.Tensor:
@@ -87,8 +107,10 @@ class VQBridge(nn.Module):
     G); ``"square"``: the official code's, the codebook as a sqrt(K) x sqrt(K) image (code k at row
     k // sqrt(K), column k % sqrt(K)) cut into P x P patches, G = P^2. Both are the same model up to
     a fixed permutation of code indices; ``"square"`` keeps official checkpoints' indices.
-    The recover layer starts at zero (so C_hat does); ``init="official"`` starts the others as the
-    official code (xavier-uniform weights, zero biases), ``"pytorch"`` keeps PyTorch's defaults.
+    The recover layer starts with N(0, ``recover_std``^2) weights and zero bias, so C_hat starts near
+    zero (``recover_std=0``: exactly zero, as the official code; see ``RECOVER_INIT_STD``);
+    ``init="official"`` starts the others as the official code (xavier-uniform weights, zero biases),
+    ``"pytorch"`` keeps PyTorch's defaults.
 
     Options for FVQ's DiT-style bridge (its constant adaLN modulation folds into these exactly):
     ``norm_affine`` gives every LayerNorm a weight and bias; ``position_embedding`` adds a fixed 2D
@@ -97,7 +119,8 @@ class VQBridge(nn.Module):
 
     def __init__(self, codebook_dim: int, group_size: int, width: int, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 2.0, layout: str = "groups", norm_affine: bool = False,
-                 position_embedding: bool = False, num_codes: int | None = None, init: str = "official"):
+                 position_embedding: bool = False, num_codes: int | None = None, init: str = "official",
+                 recover_std: float = RECOVER_INIT_STD):
         super().__init__()
         if layout not in LAYOUTS:
             raise ValueError(f"layout={layout!r} is not one of {LAYOUTS}")
@@ -116,7 +139,9 @@ class VQBridge(nn.Module):
                 if isinstance(module, nn.Linear):
                     nn.init.xavier_uniform_(module.weight)
                     nn.init.zeros_(module.bias)
-        nn.init.zeros_(self.recover.weight)
+        if recover_std < 0:
+            raise ValueError(f"recover_std={recover_std} must be >= 0 (0: the official all-zero start)")
+        nn.init.normal_(self.recover.weight, std=recover_std)
         nn.init.zeros_(self.recover.bias)
         if position_embedding:
             if layout != "square" or num_codes is None:
@@ -155,8 +180,9 @@ class FVQQuantizer(CodebookQuantizer):
     """FVQ: trainable base codebook (uniform(-1/K, 1/K)) mapped through VQBridge, C_hat = f(C).
 
     Args:
-        group_size: codes per bridge token, G; K must be divisible by it. Default: 16 for
-            K <= 16,384, else 64 (the paper's P = 4 and P = 8).
+        group_size: codes per bridge token, G; K must be divisible by it. Default: about 1,024
+            tokens, G at most 64 (the paper's P = 4 at 16,384, P = 8 at 65,536 and 262,144; G = 1 at
+            1,024, 4 at 4,096); see ``default_group_size``.
         width: bridge width; default ``codebook_dim`` (the paper's best: width equal to D).
         depth: transformer blocks (2 is best; 1 underfits, 4 degrades).
         num_heads: attention heads; default 4 (the official code's, at every width) where the
@@ -165,6 +191,8 @@ class FVQQuantizer(CodebookQuantizer):
             of the sqrt(K) x sqrt(K) codebook image; K a perfect square divisible by P^2).
         norm_affine, position_embedding: FVQ's DiT-style bridge (see ``VQBridge``); off in the paper's.
         init: ``"official"`` (xavier weights, zero biases, as the official code) or ``"pytorch"``.
+        recover_std: std of the recover layer's initial weights (default 0.002; 0: all zero, as the
+            official code, which leaves most of the G code slots unused in short runs).
     """
 
     def __init__(
@@ -181,6 +209,7 @@ class FVQQuantizer(CodebookQuantizer):
         norm_affine: bool = False,
         position_embedding: bool = False,
         init: str = "official",
+        recover_std: float = RECOVER_INIT_STD,
         **kwargs,
     ):
         super().__init__(codebook_size, codebook_dim, **kwargs)
@@ -201,10 +230,11 @@ class FVQQuantizer(CodebookQuantizer):
         width = width or codebook_dim
         num_heads = num_heads or (4 if width % 4 == 0 else 1)
         self.group_size, self.layout = group_size, layout
+        self.derived_settings = {"group_size": group_size, "width": width, "num_heads": num_heads}
         self.base_codebook = nn.Embedding(codebook_size, codebook_dim)
         nn.init.uniform_(self.base_codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.bridge = VQBridge(codebook_dim, group_size, width, depth, num_heads, mlp_ratio, layout, norm_affine,
-                               position_embedding, codebook_size, init)
+                               position_embedding, codebook_size, init, recover_std)
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.bridge(self.base_codebook.weight))
