@@ -16,7 +16,8 @@ patch each token covers), ``fvq`` (VQBridge, annealed lr) and ``fvq-no-annealing
 after the warm-up). Every other run uses FVQ's annealing schedule. Ablations of the fvq rows (use
 ``--results-name`` to keep their files apart): ``--bridge-init pytorch`` starts VQBridge's hidden
 layers with PyTorch's defaults instead of the official xavier / zero-bias init; ``--recover-std 0``
-starts its recover layer at exactly zero, as the official code (fullvq's default: N(0, 0.002^2)).
+starts its recover layer at exactly zero, as the official code (fullvq's default: near zero, the
+same N(0, 0.002^2) rows for every code slot plus a tenth as much noise of its own).
 
 Reported per run, on held-out images: codebook usage (bincount over every held-out token, the
 token count beside it), perplexity, PSNR over every held-out image and rFID over the first
@@ -25,7 +26,7 @@ token count beside it), perplexity, PSNR over every held-out image and rFID over
 is the usage a perfectly uniform code distribution would show with that many tokens.
 
 Writes ``results.json``, ``results.md`` (the table) and ``results.png`` to ``--out``; finished runs are
-reused when the script is run again. Defaults took 3,815 s on a 2-core CPU machine (2 runs at a time);
+reused when the script is run again. Defaults took 3,496 s on a 2-core CPU machine (2 runs at a time);
 on a GPU machine training goes to the GPU (accelerate) and larger settings fit, e.g.
 ``--sizes 1024 4096 16384 65536 --steps 2000 --batch-size 64`` (evaluation stays on the CPU).
 

@@ -63,6 +63,11 @@ def test_fvq_default_start_is_near_zero_and_every_code_slot_is_selected_at_step_
     # Each of a bridge token's G code slots has its own recover rows, which learn only when a code of
     # that slot is selected; the default start must reach every slot at once (the all-zero one: slot 0).
     fvq = build_quantizer("fvq", codebook_size=1024, codebook_dim=16, group_size=16)
+    # Every slot starts from the same rows plus a tenth as much noise of its own: with independent
+    # rows the weaker slots lost every token within 10 steps on the digits at K = 16,384.
+    slots = fvq.bridge.recover.weight.reshape(16, 16, -1)
+    spread = (slots - slots.mean(0)).std() / slots.mean(0).std()
+    assert 0.05 < spread < 0.2, spread  # independent rows: about 3.9
     codebook = fvq.codebook()
     assert 0 < codebook.pow(2).mean().sqrt() < 0.05
     assert torch.unique(codebook, dim=0).shape[0] == 1024
@@ -71,6 +76,61 @@ def test_fvq_default_start_is_near_zero_and_every_code_slot_is_selected_at_step_
     out.loss.backward()
     slot_grads = fvq.bridge.recover.weight.grad.reshape(16, 16, -1).abs().sum(dim=(1, 2))
     assert (slot_grads > 0).all()
+
+
+def test_fvq_revives_a_code_slot_no_token_selected_for_revive_after_steps():
+    torch.manual_seed(0)
+    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=3)
+    with torch.no_grad():  # slot 2's codes sit far from every latent: it can never win a token
+        fvq.bridge.recover.bias.view(4, 8)[2] = 100.0
+    optimizer = torch.optim.Adam(fvq.parameters(), lr=1e-3)
+    selected = []
+    for _ in range(6):
+        out = fvq(torch.randn(4, 8, 4, 4))
+        selected.append(torch.bincount(fvq.code_slots(out.indices.flatten()), minlength=4)[2].item())
+        optimizer.zero_grad()
+        out.loss.backward()  # the revival edits the weights only after the step: backward must work
+        optimizer.step()
+    assert selected[:3] == [0, 0, 0] and min(selected[3:]) > 0, selected
+    assert fvq.slot_revivals == 1
+    slots = fvq.bridge.recover.weight.view(4, 8, -1)
+    busiest_copy = min(range(4), key=lambda g: (slots[2] - slots[g]).norm() if g != 2 else float("inf"))
+    assert (slots[2] - slots[busiest_copy]).norm() < 0.5 * slots[busiest_copy].norm()
+    assert "slot_idle_steps" not in fvq.state_dict()  # the saved weights stay the paper's
+
+    # Several searches before one optimiser step (accumulation, multi-scale) count as one step; no
+    # revival in eval mode, under no_grad, or with revive_after=0.
+    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=2)
+    with torch.no_grad():
+        fvq.bridge.recover.bias.view(4, 8)[2] = 100.0
+    for _ in range(5):
+        fvq(torch.randn(2, 8, 4, 4))
+    assert fvq.slot_idle_steps.tolist() == [0, 0, 0, 0] and fvq.slot_revivals == 0
+    fvq.eval()
+    for _ in range(3):
+        fvq(torch.randn(2, 8, 4, 4))
+        with torch.no_grad():
+            fvq.bridge.recover.weight.add_(0.0)
+    assert fvq.slot_revivals == 0
+    off = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=0)
+    assert off(torch.randn(2, 8, 4, 4)) is not None and off._step_counts is None
+    with pytest.raises(ValueError, match="revive_after=-1 must be >= 0"):
+        build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=-1)
+
+
+def test_fvq_code_slots_follow_the_layout():
+    grouped = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4)
+    square = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, layout="square")
+    codes = torch.arange(64)
+    assert grouped.code_slots(codes).tolist() == (codes % 4).tolist()
+    # 8 x 8 codebook image in 2 x 2 patches: the slot is the position inside the patch.
+    assert square.code_slots(codes).tolist() == ((codes // 8 % 2) * 2 + codes % 8 % 2).tolist()
+    with torch.no_grad():  # only slot 3's recover rows are non-zero: exactly slot 3's codes are non-zero
+        for q in (grouped, square):
+            q.bridge.recover.weight.zero_()
+            q.bridge.recover.bias.view(4, 8)[3] = 1.0
+            nonzero = q.codebook().abs().sum(1) > 0
+            assert torch.equal(nonzero, q.code_slots(codes) == 3)
 
 
 def test_fvq_bridge_init_is_the_official_one_unless_pytorch_is_asked_for():

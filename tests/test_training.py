@@ -90,8 +90,10 @@ def test_tiny_tokenizer_trains_on_a_folder_with_a_corrupt_and_a_grayscale_file(t
     run = tmp_path / "run"
     records = metrics(run)
     assert summary["steps"] == 30 and records[-1]["step"] == 30
-    # A clear drop in 30 steps (an untrained model stays near 1x; measured 0.63x with fvq's official init).
-    assert records[-1]["reconstruction_loss"] < 0.7 * records[0]["reconstruction_loss"]
+    # A clear drop in 30 steps: the last two logged losses (steps 25 and 30; one batch of 4 each, so
+    # noisy) against the first (step 5). Measured 0.67x; the same run at lr 1e-9 gives 0.98x.
+    losses = [record["reconstruction_loss"] for record in records]
+    assert (losses[-1] + losses[-2]) / 2 < 0.8 * losses[0], losses
     assert 0 < records[-1]["usage"] <= 1 and records[-1]["perplexity"] >= 1
     assert records[-1]["usage_tokens"] == 5 * 4 * 8 * 8  # every token of the last 5 steps, counted
     assert sum(r.get("skipped_images", 0) for r in records) >= 1

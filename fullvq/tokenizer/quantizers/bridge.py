@@ -5,6 +5,8 @@ linear G*D -> width), processed by a few pre-LayerNorm transformer blocks, and m
 K x D (recover: LayerNorm, linear width -> G*D). The recover layer starts near zero (the official
 code: exactly zero), so C_hat starts near zero and grows from it. Because the map mixes all codes,
 every code of the base codebook receives a gradient at every step, whichever codes were selected.
+The recover layer is the exception: each of a token's G code slots has its own rows, which learn
+only when that slot wins a token, so training revives a slot that wins none (``revive_after``).
 """
 
 from __future__ import annotations
@@ -73,14 +75,27 @@ LAYOUTS = ("groups", "square")
 # PyTorch's defaults (whose uniform compress bias dwarfs the uniform(-1/K, 1/K) codebook, so that
 # every bridge token starts almost the same).
 BRIDGE_INITS = ("official", "pytorch")
-# Std of the recover layer's initial weights. The official code starts it at exactly zero: then every
-# code of C_hat is zero at step 0, every token ties and goes to code 0, and only code slot 0 of the
-# G slots gets a gradient; the other slots wake only while the zero point is some token's nearest
-# code. Digits, K = 16,384 (G = 16), benchmarks/codebook_scaling.py's autoencoder: 5 of 16 slots had
-# woken after 100 steps and usage ended at 26 % after 300. 0.002 keeps C_hat near zero but distinct,
-# so every slot is selected from step 0: 16 of 16 alive, 71 % after 300 steps; 0.02 gave 57 % (2
-# slots died in the first 20 steps). 0.0 reproduces the official start.
+# How the recover layer starts. The official code starts it at exactly zero: then every code of C_hat
+# is zero at step 0, every token ties and goes to code 0, and only code slot 0 of the G slots gets a
+# gradient; the other slots wake only while the zero point is some token's nearest code. Digits,
+# K = 16,384 (G = 16), benchmarks/codebook_scaling.py's autoencoder: 5 of 16 slots had woken after
+# 100 steps and usage ended at 26 % after 300. Independent N(0, 0.002^2) weights per slot make every
+# slot win some tokens at step 0, but the slots start with unequal scales along the data, and the
+# weaker ones lose everything within 5-10 steps and never return (2 of 16 dead, usage stuck at 85 %
+# after 300, 600 and 1,200 steps). So every slot starts from the same N(0, std^2) rows plus its own
+# noise RECOVER_SLOT_NOISE times as large: the official symmetric start, with ties broken at random
+# per token instead of toward code 0: 16 of 16 slots alive after 300 steps (against 14), though not
+# for good (see REVIVE_AFTER_STEPS). recover_std=0 is the official start.
 RECOVER_INIT_STD = 0.002
+RECOVER_SLOT_NOISE = 0.1
+# A slot can still lose every token later (digits, K = 16,384: 1 of 16 slots dead after 600 steps,
+# 3 after 1,200, even from the alike start), and a dead slot never gets a gradient again: its
+# recover rows stay at their init, its K / G codes near zero, far from the encoder's outputs. So
+# training revives a slot that no token selected for this many steps in a row: it takes a copy of
+# the recover rows of the busiest slot, plus noise RECOVER_SLOT_NOISE times their std, and splits
+# that slot's tokens with it. The architecture and saved weights are the paper's; inference is
+# untouched, and a run where every slot stays busy (the paper's: 100 % usage) is unchanged.
+REVIVE_AFTER_STEPS = 20
 
 
 def sincos_position_embedding(width: int, side: int) -> torch.Tensor:
@@ -107,8 +122,9 @@ class VQBridge(nn.Module):
     G); ``"square"``: the official code's, the codebook as a sqrt(K) x sqrt(K) image (code k at row
     k // sqrt(K), column k % sqrt(K)) cut into P x P patches, G = P^2. Both are the same model up to
     a fixed permutation of code indices; ``"square"`` keeps official checkpoints' indices.
-    The recover layer starts with N(0, ``recover_std``^2) weights and zero bias, so C_hat starts near
-    zero (``recover_std=0``: exactly zero, as the official code; see ``RECOVER_INIT_STD``);
+    The recover layer starts near zero and alike for every code slot: the same N(0, ``recover_std``^2)
+    rows for each slot plus a tenth as much noise of its own, zero bias (``recover_std=0``: exactly
+    zero, as the official code; see ``RECOVER_INIT_STD``);
     ``init="official"`` starts the others as the official code (xavier-uniform weights, zero biases),
     ``"pytorch"`` keeps PyTorch's defaults.
 
@@ -141,7 +157,10 @@ class VQBridge(nn.Module):
                     nn.init.zeros_(module.bias)
         if recover_std < 0:
             raise ValueError(f"recover_std={recover_std} must be >= 0 (0: the official all-zero start)")
-        nn.init.normal_(self.recover.weight, std=recover_std)
+        with torch.no_grad():  # rows g * D + d produce dim d of slot g's codes: every slot starts alike
+            shared = torch.randn(codebook_dim, width) * recover_std
+            noise = torch.randn(group_size * codebook_dim, width) * (recover_std * RECOVER_SLOT_NOISE)
+            self.recover.weight.copy_(shared.repeat(group_size, 1) + noise)
         nn.init.zeros_(self.recover.bias)
         if position_embedding:
             if layout != "square" or num_codes is None:
@@ -193,6 +212,9 @@ class FVQQuantizer(CodebookQuantizer):
         init: ``"official"`` (xavier weights, zero biases, as the official code) or ``"pytorch"``.
         recover_std: std of the recover layer's initial weights (default 0.002; 0: all zero, as the
             official code, which leaves most of the G code slots unused in short runs).
+        revive_after: in training, a code slot that no token selected for this many optimiser steps
+            in a row restarts from a copy of the busiest slot (``REVIVE_AFTER_STEPS``, 20; 0: never).
+            Counts are summed over processes, so every rank revives the same slots the same way.
     """
 
     def __init__(
@@ -210,6 +232,7 @@ class FVQQuantizer(CodebookQuantizer):
         position_embedding: bool = False,
         init: str = "official",
         recover_std: float = RECOVER_INIT_STD,
+        revive_after: int = REVIVE_AFTER_STEPS,
         **kwargs,
     ):
         super().__init__(codebook_size, codebook_dim, **kwargs)
@@ -235,6 +258,59 @@ class FVQQuantizer(CodebookQuantizer):
         nn.init.uniform_(self.base_codebook.weight, -1.0 / codebook_size, 1.0 / codebook_size)
         self.bridge = VQBridge(codebook_dim, group_size, width, depth, num_heads, mlp_ratio, layout, norm_affine,
                                position_embedding, codebook_size, init, recover_std)
+        if revive_after < 0:
+            raise ValueError(f"revive_after={revive_after} must be >= 0 (0: never revive a dead code slot)")
+        self.revive_after = revive_after
+        self.slot_revivals = 0  # slots revived so far in this process (for logs and tests)
+        # Optimiser steps in a row in which no token selected each slot; not saved with the weights.
+        self.register_buffer("slot_idle_steps", torch.zeros(group_size, dtype=torch.long), persistent=False)
+        self._step_counts: torch.Tensor | None = None  # slot counts of the searches since the last step
+        self._step_version: int | None = None  # the recover weight's version at the last search
+
+    def code_slots(self, indices: torch.Tensor) -> torch.Tensor:
+        """The code slot (0 .. G-1: which rows of the recover layer made it) of each code index."""
+        if self.layout == "groups":
+            return indices % self.group_size
+        side, patch = math.isqrt(self.codebook_size), self.bridge.patch_size
+        return (indices // side % patch) * patch + indices % side % patch
+
+    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        tracking = self.training and torch.is_grad_enabled() and self.revive_after > 0 and self.group_size > 1
+        if tracking:
+            self._close_step()
+        target, z_q, indices = super().quantize(z)
+        if tracking:
+            counts = torch.bincount(self.code_slots(indices.detach().reshape(-1)), minlength=self.group_size)
+            self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+            self._step_version = self.bridge.recover.weight._version
+        return target, z_q, indices
+
+    @torch.no_grad()
+    def _close_step(self) -> None:
+        """At the first search after an optimiser step (the recover weight changed in place since the
+        last search, so that step's graph is gone and editing the weight is safe): count the finished
+        step's idle slots, summed over processes, and revive the slots idle for ``revive_after`` steps.
+        Several searches before a step (gradient accumulation, multi-scale) count as one step."""
+        weight = self.bridge.recover.weight
+        if self._step_counts is None or weight._version == self._step_version:
+            return
+        counts, self._step_counts = self._step_counts, None
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(counts)
+        self.slot_idle_steps = torch.where(counts > 0, 0, self.slot_idle_steps + 1)
+        dead = (self.slot_idle_steps >= self.revive_after).nonzero().flatten().tolist()
+        busiest = counts.argsort(descending=True)[: max(1, int((counts > 0).sum()))].tolist()
+        rows = weight.view(self.group_size, self.codebook_dim, -1)
+        bias = self.bridge.recover.bias.view(self.group_size, self.codebook_dim)
+        for number, slot in enumerate(dead):
+            source = busiest[number % len(busiest)]
+            # The same noise on every process: a generator seeded by the revival's number.
+            generator = torch.Generator().manual_seed(self.slot_revivals)
+            noise = torch.randn(rows[source].shape, generator=generator).to(rows)
+            rows[slot] = rows[source] + noise * (RECOVER_SLOT_NOISE * rows[source].std())
+            bias[slot] = bias[source]
+            self.slot_idle_steps[slot] = 0
+            self.slot_revivals += 1
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.bridge(self.base_codebook.weight))
