@@ -231,6 +231,13 @@ def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
         )
 
 
+def sum_over_processes(counts: torch.Tensor) -> torch.Tensor:
+    """Sums ``counts`` in place over the processes of a distributed run (a no-op in one process)."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.all_reduce(counts)
+    return counts
+
+
 class CodebookUsage:
     """Counts how often each code is selected, over every token it is shown.
 
@@ -248,8 +255,7 @@ class CodebookUsage:
         self.counts += torch.bincount(flat, minlength=self.codebook_size)
 
     def all_reduce(self) -> "CodebookUsage":
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(self.counts)
+        sum_over_processes(self.counts)
         return self
 
     def reset(self) -> None:

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CodebookQuantizer
+from .base import CodebookQuantizer, sum_over_processes
 
 
 GROUP_SIZES = (64, 16, 4, 1)  # P x P patches, P = 8, 4, 2, 1
@@ -294,11 +294,12 @@ class FVQQuantizer(CodebookQuantizer):
         weight = self.bridge.recover.weight
         if self._step_counts is None or weight._version == self._step_version:
             return
-        counts, self._step_counts = self._step_counts, None
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.all_reduce(counts)
+        counts = sum_over_processes(self._step_counts)
+        self._step_counts = None
         self.slot_idle_steps = torch.where(counts > 0, 0, self.slot_idle_steps + 1)
         dead = (self.slot_idle_steps >= self.revive_after).nonzero().flatten().tolist()
+        if not dead:  # the usual step: one small read of the idle flags, nothing else
+            return
         busiest = counts.argsort(descending=True)[: max(1, int((counts > 0).sum()))].tolist()
         rows = weight.view(self.group_size, self.codebook_dim, -1)
         bias = self.bridge.recover.bias.view(self.group_size, self.codebook_dim)
