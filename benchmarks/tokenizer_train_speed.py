@@ -55,8 +55,8 @@ def measure(case: str, batch_size: int, device: str, mixed_precision: str, repea
     import os
 
     from fullvq.config import build_dataclass
-    from fullvq.tokenizer.train import TokenizerStage, TokenizerTrainConfig
-    from fullvq.training import Trainer
+    from fullvq.jobs.loop import Trainer
+    from fullvq.jobs.train_tokenizer import TokenizerStage, TokenizerTrainConfig
 
     if device == "cpu":
         os.environ["ACCELERATE_USE_CPU"] = "true"

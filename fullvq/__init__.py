@@ -1,11 +1,18 @@
-"""fullvq: image tokenizers whose codebook is used in full, and the generators built on them."""
+"""fullvq: image tokenizers whose codebook is used in full, and the generators built on them.
+
+Every public name is imported on first use, so ``import fullvq`` (and ``fullvq --help``) pulls in
+neither torch nor diffusers. Saved pipeline folders name their components by module path
+(``["fullvq.tokenizer.modeling", "FVQModel"]``, ``["fullvq.generator.gpt", "FullVQGPT"]``): those
+modules stay where they are (``tests/test_saved_folders.py``).
+"""
 
 __version__ = "0.1.0"
 
-from .tokenizer import CodebookUsage, FVQModel, build_quantizer  # noqa: E402
-
-# Stage two pulls in transformers; import it only when asked for.
+# public name -> the module that defines it
 _LAZY = {
+    "FVQModel": "fullvq.tokenizer.modeling",
+    "CodebookUsage": "fullvq.tokenizer.quantizers",
+    "build_quantizer": "fullvq.tokenizer.quantizers",
     "FullVQPipeline": "fullvq.pipelines.autoregressive",
     "LatentFlowPipeline": "fullvq.pipelines.latent_flow",
     "FullVQGPT": "fullvq.generator.gpt",
@@ -21,5 +28,9 @@ def __getattr__(name):
     raise AttributeError(f"module 'fullvq' has no attribute {name!r}")
 
 
-__all__ = ["FVQModel", "FullVQPipeline", "LatentFlowPipeline", "FullVQGPT", "FullVQGPTConfig", "CodebookUsage", "build_quantizer",
-           "__version__"]
+def __dir__():
+    return sorted([*globals(), *_LAZY])
+
+
+__all__ = ["FVQModel", "FullVQPipeline", "LatentFlowPipeline", "FullVQGPT", "FullVQGPTConfig", "CodebookUsage",
+           "build_quantizer", "__version__"]

@@ -1,7 +1,9 @@
-"""``fullvq <command> ...``: one entry point; each command lives in the module that does the work.
+"""``fullvq <command> ...``: one entry point; each command is a light module of ``fullvq.commands``
+that parses its arguments and then runs a job of ``fullvq.jobs``.
 
 Also runs as ``python -m fullvq.cli`` (and so under ``accelerate launch -m fullvq.cli``).
-Commands are imported lazily so ``fullvq --help`` stays fast.
+Nothing heavy (torch, diffusers, ...) is imported before a command has parsed its arguments, so
+``fullvq --help`` and ``fullvq <command> --help`` answer at once.
 """
 
 from __future__ import annotations
@@ -11,14 +13,16 @@ import sys
 
 # command -> (module with `main(argv, prog)`, one-line help)
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("fullvq.demo", "run the built-in offline demo and write its figures"),
-    "train-tokenizer": ("fullvq.tokenizer.train", "train an image tokenizer from a YAML recipe"),
-    "init-codebook": ("fullvq.tokenizer.codebook_init", "k-means codebook for the lc quantizer from a pretrained vision encoder"),
-    "cache-tokens": ("fullvq.generator.cache_tokens", "encode a dataset into token shards with a trained tokenizer"),
-    "train-generator": ("fullvq.generator.train", "train the class-conditional GPT on cached tokens from a YAML recipe"),
-    "sample": ("fullvq.sample", "generate images from a pipeline folder"),
-    "eval": ("fullvq.eval.cli", "rFID / gFID and reconstruction metrics, offline-capable"),
-    "convert": ("fullvq.convert", "convert LlamaGen / FVQ / VQGAN-LC checkpoints into fullvq folders"),
+    "demo": ("fullvq.commands.demo", "run the built-in offline demo and write its figures"),
+    "train-tokenizer": ("fullvq.commands.train_tokenizer", "train an image tokenizer from a YAML recipe"),
+    "init-codebook": ("fullvq.commands.init_codebook",
+                      "k-means codebook for the lc quantizer from a pretrained vision encoder"),
+    "cache-tokens": ("fullvq.commands.cache_tokens", "encode a dataset into token shards with a trained tokenizer"),
+    "train-generator": ("fullvq.commands.train_generator",
+                        "train the class-conditional GPT or DiT on cached tokens from a YAML recipe"),
+    "sample": ("fullvq.commands.sample", "generate images from a pipeline folder"),
+    "eval": ("fullvq.commands.eval", "rFID / gFID and reconstruction metrics, offline-capable"),
+    "convert": ("fullvq.commands.convert", "convert LlamaGen / FVQ / VQGAN-LC checkpoints into fullvq folders"),
 }
 
 

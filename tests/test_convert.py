@@ -16,7 +16,7 @@ import torch.nn.functional as F
 
 from fullvq import FVQModel
 from fullvq.cli import main
-from fullvq.convert import (
+from fullvq.jobs.convert import (
     ConversionError,
     convert_fvq,
     convert_llamagen_gpt,

@@ -18,22 +18,22 @@ import torch
 from PIL import Image
 
 from fullvq.eval import (
-    CodebookUsage,
     InceptionExtractor,
     ReferenceStatistics,
-    evaluate_generation,
-    evaluate_reconstruction,
     extract_features,
     frechet_distance,
-    generate_samples,
     generation_metrics,
     load_reference,
     psnr,
     ssim,
-    to_uint8,
 )
+from fullvq.images import to_uint8
+from fullvq.jobs.eval_generation import evaluate_generation, generate_samples
+from fullvq.jobs.eval_reconstruction import evaluate_reconstruction
+from fullvq.tokenizer import CodebookUsage
 from fullvq.eval.inception import find_fid_helper_weights, resolve_inception_weights
-from fullvq.eval.metrics import ImageFiles, check_set_sizes
+from fullvq.eval.image_sets import ImageFiles
+from fullvq.eval.scores import check_set_sizes
 
 NUM_DIGITS = 8
 

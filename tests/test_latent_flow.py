@@ -14,7 +14,7 @@ from PIL import Image
 from fullvq import FVQModel
 from fullvq.cli import main as cli_main
 from fullvq.config import ConfigError, load_config
-from fullvq.generator.cache_tokens import CODEBOOK_FILE, TokenCache, cache_tokens
+from fullvq.jobs.cache_tokens import cache_tokens
 from fullvq.generator.latent_flow import (
     build_transformer,
     diffusion_loss,
@@ -23,7 +23,9 @@ from fullvq.generator.latent_flow import (
     sample_latents,
     sampling_scheduler,
 )
-from fullvq.generator.train import GeneratorTrainConfig, latent_statistics
+from fullvq.jobs.generator_stages import latent_statistics
+from fullvq.jobs.token_cache import CODEBOOK_FILE, TokenCache
+from fullvq.jobs.train_generator import GeneratorTrainConfig
 from fullvq.pipelines import LatentFlowPipeline, load_pipeline
 
 # 32 px -> 8 x 8 grid of 8-dim codes.
@@ -220,7 +222,7 @@ def test_dit_recipes_are_checked_before_training(latent_cache):
         load_config(GeneratorTrainConfig, _write(latent_cache / "bad.yaml", config()), ["model.hidden_size=4"])
     with pytest.raises(ConfigError, match="model.size='XXL' is not one of"):
         load_config(GeneratorTrainConfig, _write(latent_cache / "bad.yaml", config()), ["model.size=XXL"])
-    from fullvq.generator.train import train_generator
+    from fullvq.jobs.train_generator import train_generator
 
     ids_only = load_config(GeneratorTrainConfig, _write(latent_cache / "ids.yaml", recipe(latent_cache, "flow", "ids")),
                            [])
@@ -238,7 +240,7 @@ def _write(path: Path, values: dict) -> Path:
 
 
 def test_sample_cli_and_gfid_sampling_drive_a_latent_pipeline(tmp_path, tokenizer):
-    from fullvq.eval.generation import SETTINGS_NAME, generate_samples
+    from fullvq.jobs.eval_generation import SETTINGS_NAME, generate_samples
 
     pipe = LatentFlowPipeline(tokenizer, tiny_transformer(3).eval(), sampling_scheduler("flow"),
                               id2label=dict(enumerate(CLASSES)))
@@ -259,7 +261,7 @@ def test_sample_cli_and_gfid_sampling_drive_a_latent_pipeline(tmp_path, tokenize
 @pytest.mark.parametrize("recipe_path", sorted((Path(__file__).resolve().parents[1] / "configs" / "generator")
                                                .glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_generator_recipe_is_valid(recipe_path, tmp_path):
-    from fullvq.generator.cache_tokens import CACHE_FILE
+    from fullvq.jobs.token_cache import CACHE_FILE
     from fullvq.generator.gpt import FullVQGPTConfig
 
     (tmp_path / CACHE_FILE).write_text("{}")  # the recipe's checks need only the cache's presence

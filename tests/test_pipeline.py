@@ -13,7 +13,7 @@ from torch import nn  # noqa: E402
 from fullvq.cli import main  # noqa: E402
 from fullvq.generator import FullVQGPT, FullVQGPTConfig  # noqa: E402
 from fullvq.pipelines import FullVQPipeline  # noqa: E402
-from fullvq.sample import parse_labels  # noqa: E402
+from fullvq.commands.sample import parse_labels  # noqa: E402
 from fullvq.tokenizer import FVQModel  # noqa: E402
 
 ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}

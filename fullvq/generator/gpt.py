@@ -339,6 +339,35 @@ class FullVQGPT(PreTrainedModel):
             )
         return class_labels.long()
 
+    def _input_embeddings(self, input_ids, class_labels, past_length: int) -> torch.Tensor:
+        """The class prefix (on a new sequence; dropped to the null class in training) followed by the
+        embedded image tokens: (B, prefix + T, hidden)."""
+        if input_ids is not None:
+            input_ids = self._flatten_tokens(input_ids, "input_ids")
+        batch_size = input_ids.shape[0] if input_ids is not None else None
+
+        pieces = []
+        if class_labels is not None:
+            if past_length:
+                raise ValueError(
+                    f"class_labels start a sequence but past_key_values already holds {past_length} positions; "
+                    "pass class_labels only on the first call"
+                )
+            class_labels = self._check_class_labels(class_labels, batch_size)
+            if self.training and self.config.class_dropout_prob > 0:
+                dropped = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
+                class_labels = class_labels.masked_fill(dropped, self.config.null_class)
+            pieces.append(self.class_embedding(class_labels)[:, None])
+        elif past_length == 0:
+            raise ValueError("class_labels are required to start a sequence (no past_key_values given)")
+        if input_ids is not None and input_ids.shape[1]:
+            pieces.append(self.model.embed_tokens(input_ids))
+        if not pieces:
+            raise ValueError("nothing to run: pass input_ids to continue a cached sequence")
+
+        inputs_embeds = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        return inputs_embeds
+
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -368,30 +397,7 @@ class FullVQGPT(PreTrainedModel):
         past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
         if use_cache is None:
             use_cache = past_key_values is not None
-        if input_ids is not None:
-            input_ids = self._flatten_tokens(input_ids, "input_ids")
-        batch_size = input_ids.shape[0] if input_ids is not None else None
-
-        pieces = []
-        if class_labels is not None:
-            if past_length:
-                raise ValueError(
-                    f"class_labels start a sequence but past_key_values already holds {past_length} positions; "
-                    "pass class_labels only on the first call"
-                )
-            class_labels = self._check_class_labels(class_labels, batch_size)
-            if self.training and self.config.class_dropout_prob > 0:
-                dropped = torch.rand(class_labels.shape, device=class_labels.device) < self.config.class_dropout_prob
-                class_labels = class_labels.masked_fill(dropped, self.config.null_class)
-            pieces.append(self.class_embedding(class_labels)[:, None])
-        elif past_length == 0:
-            raise ValueError("class_labels are required to start a sequence (no past_key_values given)")
-        if input_ids is not None and input_ids.shape[1]:
-            pieces.append(self.model.embed_tokens(input_ids))
-        if not pieces:
-            raise ValueError("nothing to run: pass input_ids to continue a cached sequence")
-
-        inputs_embeds = torch.cat(pieces, dim=1) if len(pieces) > 1 else pieces[0]
+        inputs_embeds = self._input_embeddings(input_ids, class_labels, past_length)
         total = past_length + inputs_embeds.shape[1]
         if total > 1 + self.config.num_image_tokens:
             h, w = self.config.grid_size

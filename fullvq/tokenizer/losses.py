@@ -20,11 +20,11 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
+from ..io import load_torch_file, offline
+
 # torchvision's ImageNet VGG16 (IMAGENET1K_V1), the backbone LPIPS(net="vgg") was calibrated on.
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
 VGG16_WEIGHTS_ENV = "FULLVQ_VGG16_WEIGHTS"
-_OFFLINE_ENVS = ("FULLVQ_OFFLINE", "HF_HUB_OFFLINE")
-_TRUE = ("1", "true", "yes", "on")
 
 RECONSTRUCTION_LOSSES = ("l2", "l1")
 GAN_LOSSES = ("hinge", "non_saturating")
@@ -106,10 +106,6 @@ def adaptive_gan_weight(
 # ----------------------------------------------------------------------------- LPIPS
 
 
-def _offline() -> bool:
-    return any(os.environ.get(name, "").strip().lower() in _TRUE for name in _OFFLINE_ENVS)
-
-
 def vgg16_cache_path() -> Path:
     """Where torchvision keeps its downloaded ImageNet VGG16 weights (follows TORCH_HOME)."""
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(VGG16_URL)
@@ -153,8 +149,8 @@ def load_vgg16_state_dict(vgg_weights: str | os.PathLike | None = None) -> dict[
             from safetensors.torch import load_file
 
             return load_file(str(path))
-        return torch.load(path, map_location="cpu", weights_only=True)
-    if _offline():
+        return load_torch_file(path)
+    if offline():
         raise FileNotFoundError(_missing_vgg16_message("none was found offline"))
     try:
         return torch.hub.load_state_dict_from_url(VGG16_URL, map_location="cpu", check_hash=True)

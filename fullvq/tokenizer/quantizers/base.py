@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ...distributed import sum_over_processes
+
 # Largest (tokens x codes) block of float32 distances held at once: 2**24 = 64 MiB on a GPU, which
 # wants few large blocks; 2**20 = 4 MiB on the CPU, where a block that stays in cache searched 1,536
 # tokens against 16,384 codes 2.9x faster than a 64 MiB one.
@@ -229,13 +231,6 @@ def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
             f"code indices must lie in [0, {codebook_size}), got values in "
             f"[{int(indices.min())}, {int(indices.max())}]; were they made with another codebook?"
         )
-
-
-def sum_over_processes(counts: torch.Tensor) -> torch.Tensor:
-    """Sums ``counts`` in place over the processes of a distributed run (a no-op in one process)."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.all_reduce(counts)
-    return counts
 
 
 class CodebookUsage:

@@ -17,7 +17,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import CodebookQuantizer, sum_over_processes
+from ...distributed import sum_over_processes
+from .base import CodebookQuantizer
 
 
 GROUP_SIZES = (64, 16, 4, 1)  # P x P patches, P = 8, 4, 2, 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ...io import load_torch_file
 from .base import CodebookQuantizer
 
 
@@ -50,7 +51,7 @@ class LCQuantizer(CodebookQuantizer):
         Files: ``.safetensors`` (key ``codebook``, or its only tensor), ``.pt``/``.pth`` (a tensor or
         a dict with ``codebook``; read with ``weights_only=True``) or ``.npy``.
         """
-        tensor = source if isinstance(source, torch.Tensor) else _read_codebook_file(Path(source))
+        tensor = source if isinstance(source, torch.Tensor) else read_codebook_file(Path(source))
         expected = (self.codebook_size, self.feature_dim)
         if tuple(tensor.shape) != expected:
             raise ValueError(
@@ -77,7 +78,9 @@ class LCQuantizer(CodebookQuantizer):
         return super().extra_repr() + f", feature_dim={self.feature_dim}"
 
 
-def _read_codebook_file(path: Path) -> torch.Tensor:
+def read_codebook_file(path: Path) -> torch.Tensor:
+    """A (N, feature_dim) codebook tensor from ``.safetensors`` (key ``codebook`` or the only tensor),
+    ``.pt``/``.pth``/``.bin`` (a tensor or a dict with ``codebook``, read with ``weights_only=True``) or ``.npy``."""
     if not path.is_file():
         raise FileNotFoundError(f"lc codebook file {path} does not exist; make one with fullvq init-codebook")
     suffix = path.suffix.lower()
@@ -91,7 +94,7 @@ def _read_codebook_file(path: Path) -> torch.Tensor:
             return next(iter(tensors.values()))
         raise KeyError(f"{path} holds tensors {sorted(tensors)}; store the codebook under the key 'codebook'")
     if suffix in (".pt", ".pth", ".bin"):
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = load_torch_file(path)
         if isinstance(obj, dict):
             if "codebook" not in obj:
                 raise KeyError(f"{path} holds keys {sorted(obj)}; store the codebook under the key 'codebook'")

@@ -1,0 +1,38 @@
+"""The command line: one light module per ``fullvq`` command, each a parser in front of a job.
+
+A command module has ``build_parser(prog)`` and ``main(argv, prog)`` and imports nothing heavy
+(torch, diffusers, transformers, ...) at its top, so ``fullvq <command> --help`` answers at once;
+``main`` parses, then imports the job from ``fullvq.jobs`` and runs it. Errors a user can fix are
+reported the one way argparse reports its own: the usage line, ``<prog>: error: <message naming
+the fix>`` on stderr, exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Callable, Sequence
+
+
+def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callable[[argparse.Namespace], int | None],
+        errors: tuple[type[BaseException], ...] = ()) -> int:
+    """Parse ``argv`` and run ``job(args)``; returns the exit status (never raises ``SystemExit``):
+    0, argparse's own status for ``--help`` or a bad flag, or 2 for an error of the kinds ``errors``."""
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:
+        return int(exit_.code or 0)
+    try:
+        return int(job(args) or 0)
+    except errors as error:
+        return fail(parser, error)
+
+
+def fail(parser: argparse.ArgumentParser, error: BaseException | str) -> int:
+    """Report ``error`` as argparse reports a usage error; returns the exit status 2."""
+    parser.print_usage(sys.stderr)
+    print(f"{parser.prog}: error: {error}", file=sys.stderr)
+    return 2
+
+
+__all__ = ["run", "fail"]

@@ -1,0 +1,464 @@
+"""The one training loop both stages use: accelerate, schedules, checkpoints, resume, EMA, logs.
+
+A stage (``fullvq.jobs.train_tokenizer``, ``fullvq.jobs.generator_stages``) supplies a ``TrainingStage``:
+its models and optimizers, one training step, its periodic figures and pictures, and how to save
+the final model. Everything else lives here, once:
+
+* ``accelerate`` for devices, DDP, mixed precision, gradient accumulation and trackers;
+* learning-rate schedules, FVQ's annealing among them, one schedule for every optimizer, and
+  deterministic, sharded, resumable data order (both in ``fullvq.jobs.schedule``);
+* atomic ``checkpoint-{step}`` folders with a total limit, ``resume=latest``;
+* EMA of the model weights (diffusers' ``EMAModel``), saved as safetensors;
+* a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, IterableDataset
+from tqdm.auto import tqdm
+
+from ..config import ConfigError, dump_config, to_dict
+from ..io import publish, remove, staging_path, write_text
+from .schedule import EpochSampler, SeededItems, lr_multiplier
+
+CHECKPOINT_PREFIX = "checkpoint-"
+
+
+@dataclass
+class TrainConfig:
+    """What every training run shares. ``batch_size`` is per process; the global batch is
+    ``batch_size x processes x gradient_accumulation_steps``."""
+
+    output_dir: str = "runs/train"
+    seed: int = 0
+    batch_size: int = 16
+    gradient_accumulation_steps: int = 1
+    max_steps: int | None = None  # optimiser steps; else `epochs` decides
+    epochs: float | None = None
+    learning_rate: float = 1e-4
+    scale_lr: bool = True  # peak lr = learning_rate x global batch / reference_batch_size
+    reference_batch_size: int = 128
+    lr_schedule: Literal["annealing", "cosine", "constant"] = "annealing"
+    warmup_epochs: float = 4.0
+    warmup_steps: int | None = None  # overrides warmup_epochs
+    hold_fraction: float = 0.3  # annealing: share of the post-warm-up steps held at the peak
+    warmup_start_ratio: float = 0.005
+    final_lr_ratio: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.95
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    mixed_precision: Literal["no", "bf16", "fp16"] = "no"
+    ema_decay: float | None = None
+    num_workers: int = 2
+    log_every: int = 50
+    sample_every: int = 500
+    checkpoint_every: int = 1000
+    checkpoints_total_limit: int | None = 3
+    resume: str | None = None  # "latest" or a checkpoint folder
+    tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
+    project_name: str = "fullvq"
+
+    def __post_init__(self):
+        positive = ("batch_size", "gradient_accumulation_steps", "log_every", "sample_every", "checkpoint_every",
+                    "reference_batch_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        if self.max_steps is None and self.epochs is None:
+            raise ValueError("set train.max_steps or train.epochs")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
+        if not 0 <= self.hold_fraction <= 1:
+            raise ValueError(f"hold_fraction={self.hold_fraction} must lie in [0, 1]")
+
+
+# ----------------------------------------------------------------------------- stage interface
+
+
+class TrainingStage:
+    """What a stage supplies to ``Trainer``. Subclasses fill ``models`` and ``optimizers`` (same
+    keys; ``"model"`` is the one EMA follows and the final save writes) in ``__init__``."""
+
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    trainer: "Trainer"
+
+    def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
+        """One (micro-)batch: forward, ``trainer.accelerator.backward``, clip, ``optimizer.step()``
+        and ``zero_grad()`` for each optimiser. Returns detached scalar logs, ``"loss"`` among them."""
+        raise NotImplementedError
+
+    def periodic_logs(self, step: int) -> dict[str, float]:
+        """Extra figures at each log step (called on every process; may all-reduce)."""
+        return {}
+
+    def write_samples(self, step: int, folder: Path) -> None:
+        """Pictures at each sample step (main process only)."""
+
+    def save_model(self, model: nn.Module, folder: Path) -> None:
+        """Write the final (unwrapped, EMA-averaged if enabled) model."""
+        model.save_pretrained(folder)
+
+
+def _to_device(batch, device):
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, dict):
+        return {k: _to_device(v, device) for k, v in batch.items()}
+    return batch
+
+
+def latest_checkpoint(output_dir: Path) -> Path | None:
+    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
+    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if found else None
+
+
+def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
+    """The checkpoint folder ``resume`` names, or a clear error before any work starts."""
+    if resume is None:
+        return None
+    if resume == "latest":
+        found = latest_checkpoint(output_dir)
+        if found is None:
+            raise ConfigError(
+                f"resume=latest but {output_dir} holds no {CHECKPOINT_PREFIX}* folder; drop resume to start "
+                "afresh or point train.output_dir at the run to continue"
+            )
+        return found
+    path = Path(resume)
+    if not (path / "trainer_state.json").is_file():
+        raise ConfigError(f"resume={resume!r} is not a checkpoint folder (no trainer_state.json); use resume=latest "
+                          f"or a {CHECKPOINT_PREFIX}<step> folder")
+    return path
+
+
+class Trainer:
+    """Runs a stage over ``dataset`` as ``config`` says.
+
+    ``make_stage(trainer) -> TrainingStage`` builds the stage's models once the accelerator exists
+    and the seed is set (so initial weights depend only on the seed); ``full_config`` is written
+    beside every checkpoint and the final model.
+    """
+
+    def __init__(self, config: TrainConfig, make_stage, dataset, full_config=None):
+        from accelerate import Accelerator
+        from accelerate.utils import ProjectConfiguration, set_seed
+
+        self.config = config
+        self.full_config = full_config if full_config is not None else config
+        self.output_dir = Path(config.output_dir)
+        self.resume_from = resolve_resume(config.resume, self.output_dir)
+        if self.resume_from is None and latest_checkpoint(self.output_dir) is not None:
+            raise ConfigError(
+                f"{self.output_dir} already holds checkpoints; continue it with train.resume=latest or choose "
+                "another train.output_dir (nothing there was touched)"
+            )
+        log_with = None
+        if config.tracker == "tensorboard":
+            log_with = "tensorboard"
+        elif config.tracker == "wandb":
+            import importlib.util
+
+            log_with = "wandb" if importlib.util.find_spec("wandb") else "tensorboard"
+        self.accelerator = Accelerator(
+            mixed_precision=config.mixed_precision,
+            gradient_accumulation_steps=config.gradient_accumulation_steps,
+            log_with=log_with,
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+        )
+        set_seed(config.seed)
+        self.dataset = dataset
+        self.streaming = isinstance(dataset, IterableDataset)
+        world = self.accelerator.num_processes
+        if self.streaming:
+            if config.max_steps is None:
+                raise ConfigError("a streaming dataset has no length: set train.max_steps instead of train.epochs")
+            self.steps_per_epoch = None
+        else:
+            per_rank = len(dataset) // world
+            micro_batches = per_rank // config.batch_size
+            self.steps_per_epoch = micro_batches // config.gradient_accumulation_steps
+            if self.steps_per_epoch < 1:
+                raise ConfigError(
+                    f"{len(dataset)} images make no full step of batch_size={config.batch_size} x "
+                    f"{world} processes x {config.gradient_accumulation_steps} accumulation; lower train.batch_size"
+                )
+        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
+        if config.warmup_steps is not None:
+            self.warmup_steps = config.warmup_steps
+        elif self.steps_per_epoch:
+            self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
+        else:
+            self.warmup_steps = 0
+        self.warmup_steps = min(self.warmup_steps, max(0, self.total_steps - 1))
+        self.global_batch = config.batch_size * world * config.gradient_accumulation_steps
+        self.peak_lr = config.learning_rate * (self.global_batch / config.reference_batch_size if config.scale_lr else 1.0)
+        self.step = 0
+        self.ema = None
+        self.stage = make_stage(self)
+        self.stage.trainer = self
+
+    # -- helpers for stages
+    def lr_factor(self, step: int) -> float:
+        c = self.config
+        return lr_multiplier(step, self.total_steps, self.warmup_steps, c.lr_schedule, hold_fraction=c.hold_fraction,
+                             warmup_start_ratio=c.warmup_start_ratio, final_lr_ratio=c.final_lr_ratio)
+
+    def adam(self, params, **kwargs) -> torch.optim.Optimizer:
+        """AdamW at the peak lr with the config's betas and weight decay (the usual optimiser)."""
+        c = self.config
+        options = dict(lr=self.peak_lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
+        options.update(kwargs)
+        return torch.optim.AdamW(params, **options)
+
+    def clip(self, module: nn.Module) -> torch.Tensor | None:
+        if self.config.max_grad_norm and self.accelerator.sync_gradients:
+            return self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
+        return None
+
+    @property
+    def is_main(self) -> bool:
+        return self.accelerator.is_main_process
+
+    # -- data
+    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
+        c, acc = self.config, self.accelerator
+        if self.streaming:
+            # A stream is split between processes by the dataset itself (datasets' split_dataset_by_node).
+            stream = self.dataset.shard(acc.process_index, acc.num_processes) if acc.num_processes > 1 else self.dataset
+            return DataLoader(stream, batch_size=c.batch_size, num_workers=c.num_workers, drop_last=True)
+        items = SeededItems(self.dataset, c.seed)
+        items.epoch = epoch
+        sampler = EpochSampler(len(self.dataset), acc.process_index, acc.num_processes, c.seed, epoch,
+                               skip=skip_batches * c.batch_size)
+        return DataLoader(items, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, drop_last=True,
+                          pin_memory=acc.device.type == "cuda", persistent_workers=False)
+
+    def _batches(self) -> Iterator[dict]:
+        """Micro-batches from the current position onwards, epoch after epoch."""
+        accumulation = self.config.gradient_accumulation_steps
+        if self.streaming:
+            skip = self.step * accumulation
+            while True:
+                for i, batch in enumerate(self._loader(0, 0)):
+                    if skip:
+                        skip -= 1
+                        continue
+                    yield _to_device(batch, self.accelerator.device)
+        micro_per_epoch = self.steps_per_epoch * accumulation
+        epoch, done = divmod(self.step * accumulation, micro_per_epoch)
+        while True:
+            for i, batch in enumerate(self._loader(epoch, done)):
+                if done + i >= micro_per_epoch:
+                    break
+                yield _to_device(batch, self.accelerator.device)
+            epoch, done = epoch + 1, 0
+
+    # -- checkpoints
+    def _ema_parameters(self):
+        return list(self.accelerator.unwrap_model(self.stage.models["model"]).parameters())
+
+    def save_checkpoint(self) -> Path:
+        """Write ``checkpoint-{step}`` atomically: into a temporary folder, then one rename."""
+        acc = self.accelerator
+        final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
+        tmp = staging_path(final)  # one name on every process: they all save into it
+        if self.is_main:
+            remove(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp), safe_serialization=True)
+        if self.is_main:
+            if self.ema is not None:
+                from safetensors.torch import save_file
+
+                names = [n for n, _ in acc.unwrap_model(self.stage.models["model"]).named_parameters()]
+                save_file({n: t.detach().contiguous().cpu() for n, t in zip(names, self.ema.shadow_params)},
+                          tmp / "ema.safetensors")
+            state = {"step": self.step, "total_steps": self.total_steps,
+                     "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
+            (tmp / "trainer_state.json").write_text(json.dumps(state))
+            dump_config(self.full_config, tmp / "config.yaml")
+            publish(tmp, final)
+            self._prune_checkpoints()
+        acc.wait_for_everyone()
+        return final
+
+    def _prune_checkpoints(self) -> None:
+        limit = self.config.checkpoints_total_limit
+        if not limit:
+            return
+        found = sorted((p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
+                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+        for old in found[:-limit]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def _load_checkpoint(self, folder: Path) -> None:
+        self.accelerator.load_state(str(folder))
+        state = json.loads((folder / "trainer_state.json").read_text())
+        self.step = int(state["step"])
+        if self.ema is not None:
+            from safetensors.torch import load_file
+
+            ema_file = folder / "ema.safetensors"
+            if not ema_file.is_file():
+                raise ConfigError(f"{folder} was saved without EMA but train.ema_decay is set; resume with the "
+                                  "run's own settings (its config.yaml)")
+            shadow = load_file(ema_file)
+            names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
+            for name, target in zip(names, self.ema.shadow_params):
+                target.copy_(shadow[name].to(target.device))
+            self.ema.optimization_step = int(state["ema_optimization_step"])
+
+    # -- the loop
+    def prepare(self) -> None:
+        """Wrap the stage's models and optimisers for the devices (DDP, mixed precision), set up EMA
+        and restore the checkpoint to resume from. ``fit`` calls it; benchmarks call it alone."""
+        from accelerate.utils import set_seed
+        from diffusers.training_utils import EMAModel
+
+        acc, stage = self.accelerator, self.stage
+        names = list(stage.models)
+        prepared = acc.prepare(*[stage.models[n] for n in names], *[stage.optimizers[n] for n in names])
+        prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
+        for i, name in enumerate(names):
+            stage.models[name] = prepared[i]
+            stage.optimizers[name] = prepared[len(names) + i]
+        decay = self.config.ema_decay
+        self.ema = EMAModel(self._ema_parameters(), decay=decay, foreach=True) if decay else None
+        # Models are built and synced: from here each process draws its own noise, dropout and label
+        # drops (a resumed run gets every process's saved RNG state back below).
+        set_seed(self.config.seed + acc.process_index)
+        if self.resume_from is not None:
+            self._load_checkpoint(self.resume_from)
+            acc.print(f"resumed from {self.resume_from} at step {self.step}")
+
+    def fit(self) -> dict:
+        """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON)."""
+        c, acc, stage = self.config, self.accelerator, self.stage
+        if self.is_main:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            dump_config(self.full_config, self.output_dir / "config.yaml")
+        self.prepare()
+        if acc.is_main_process and c.tracker != "none":
+            acc.init_trackers(c.project_name, config=_flatten(to_dict(self.full_config)))
+
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_local_main_process,
+                   desc=f"training ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
+        sums: dict[str, float] = {}
+        count = 0
+        start, start_step = time.perf_counter(), self.step
+        models = list(stage.models.values())
+        batches = self._batches()
+        while self.step < self.total_steps:
+            self._set_lr(self.step)
+            for _ in range(c.gradient_accumulation_steps):
+                batch = next(batches)
+                with acc.accumulate(*models):
+                    logs = stage.training_step(batch, self.step)
+            loss = logs["loss"]
+            if not torch.isfinite(loss).all():
+                last = latest_checkpoint(self.output_dir)
+                raise FloatingPointError(
+                    f"non-finite loss ({float(loss)}) at step {self.step}; stopped without saving. The last good "
+                    f"checkpoint is {last or 'none'}: resume from it (train.resume=latest) with a lower "
+                    "learning_rate or max_grad_norm, or mixed_precision=no"
+                )
+            self.step += 1
+            if self.ema is not None:
+                self.ema.step(self._ema_parameters())
+            for key, value in logs.items():
+                sums[key] = sums.get(key, 0.0) + float(value)
+            count += 1
+            bar.update(1)
+            if self.step % c.log_every == 0 or self.step == self.total_steps:
+                record = {k: v / count for k, v in sums.items()}
+                record = {k: float(v) for k, v in zip(record, acc.reduce(torch.tensor(list(record.values()),
+                                                                                       device=acc.device), "mean"))}
+                record.update(stage.periodic_logs(self.step))
+                record["lr"] = self.peak_lr * self.lr_factor(self.step - 1)
+                record["step"] = self.step
+                sums, count = {}, 0
+                bar.set_postfix(loss=f"{record['loss']:.4f}")
+                if c.tracker != "none":
+                    acc.log(record, step=self.step)
+                if self.is_main:
+                    with open(self.output_dir / "metrics.jsonl", "a") as f:
+                        f.write(json.dumps(record) + "\n")
+            if self.is_main and (self.step % c.sample_every == 0 or self.step == self.total_steps):
+                stage.write_samples(self.step, self.output_dir / "samples")
+            if self.step % c.checkpoint_every == 0 or self.step == self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        return self._finish(time.perf_counter() - start, self.step - start_step)
+
+    def _set_lr(self, step: int) -> None:
+        factor = self.lr_factor(step)
+        for optimizer in self.stage.optimizers.values():
+            for group in optimizer.param_groups:
+                group["lr"] = group.get("peak_lr", self.peak_lr) * factor
+
+    def _finish(self, seconds: float, steps: int) -> dict:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        model = acc.unwrap_model(self.stage.models["model"])
+        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
+        checksums = acc.gather(checksum.to(acc.device)).tolist()
+        summary = {
+            "steps": self.step,
+            "total_steps": self.total_steps,
+            "processes": acc.num_processes,
+            "global_batch_size": self.global_batch,
+            "peak_lr": self.peak_lr,
+            "seconds": seconds,
+            "images_per_second": steps * self.global_batch / seconds if seconds > 0 else None,
+            "parameter_checksums": checksums,
+            "model_dir": str(self.output_dir / "model"),
+        }
+        if self.is_main:
+            params = list(model.parameters())
+            if self.ema is not None:
+                self.ema.store(params)
+                self.ema.copy_to(params)
+            self.stage.save_model(model, self.output_dir / "model")
+            if self.ema is not None:
+                self.ema.restore(params)
+            dump_config(self.full_config, self.output_dir / "model" / "train_config.yaml")
+            write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
+            acc.print(f"wrote {self.output_dir / 'model'} ({self.step} steps in {seconds:.0f} s)")
+        acc.wait_for_everyone()
+        acc.end_training()
+        return summary
+
+
+def _flatten(tree: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in tree.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, name + "."))
+        elif isinstance(value, (list, tuple)):
+            flat[name] = str(value)
+        elif value is not None:
+            flat[name] = value
+    return flat
+
+
+__all__ = [
+    "TrainConfig",
+    "Trainer",
+    "TrainingStage",
+    "CHECKPOINT_PREFIX",
+    "latest_checkpoint",
+    "resolve_resume",
+]

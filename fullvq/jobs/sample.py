@@ -1,0 +1,62 @@
+"""The ``sample`` job: images from a pipeline folder, one PNG each plus a grid (``fullvq sample``).
+
+Either pipeline: a ``FullVQPipeline`` (GPT: ``temperature``, ``top_k``, ``top_p``,
+``guidance_schedule``) or a ``LatentFlowPipeline`` (DiT / flow: ``num_inference_steps``,
+``snap_to_codebook``); settings of the other kind are refused before any sampling.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import torch
+
+from ..images import from_unit_range, save_image_grid
+
+
+def sample_to_folder(
+    pipeline: str | os.PathLike,
+    labels: list[int | str],
+    output: str | os.PathLike,
+    *,
+    num_per_label: int = 1,
+    guidance_scale: float = 4.0,
+    seed: int = 0,
+    batch_size: int = 32,
+    device: str = "cpu",
+    dtype: torch.dtype = torch.float32,
+    **options,
+) -> list[Path]:
+    """Sample ``num_per_label`` images for each label (ids or class names) from the pipeline folder
+    or hub id ``pipeline``; writes ``{class id}_{i}.png`` and ``grid.png`` (a row per label) into
+    ``output`` and returns the image paths. ``options`` are the pipeline kind's own settings."""
+    from torchvision.utils import save_image
+
+    from ..pipelines import load_pipeline
+    from ..pipelines.base import sampling_kwargs
+
+    pipe = load_pipeline(pipeline, dtype=dtype).to(device)
+    accepted = sampling_kwargs(pipe, **options)
+    foreign = [name for name in options if name not in accepted]
+    if foreign:
+        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
+        raise ValueError(f"{flags} do not apply to a {type(pipe).__name__}; drop them")
+    ids = pipe.get_label_ids(labels)
+    images = pipe(ids, num_images_per_label=num_per_label, guidance_scale=guidance_scale, **options,
+                  generator=torch.Generator().manual_seed(seed), batch_size=batch_size, output_type="pt").images
+
+    output = Path(output)
+    output.mkdir(parents=True, exist_ok=True)
+    written: dict[int, int] = {}  # class id -> images written, so a repeated label does not overwrite
+    paths = []
+    for label, image in zip((i for i in ids for _ in range(num_per_label)), images):
+        index = written.get(label, 0)
+        paths.append(output / f"{label}_{index}.png")
+        save_image(image, paths[-1])
+        written[label] = index + 1
+    save_image_grid(list(from_unit_range(images).split(num_per_label)), output / "grid.png")
+    return paths
+
+
+__all__ = ["sample_to_folder"]
