@@ -91,6 +91,7 @@ def test_fvq_revives_a_code_slot_no_token_selected_for_revive_after_steps():
         optimizer.zero_grad()
         out.loss.backward()  # the revival edits the weights only after the step: backward must work
         optimizer.step()
+        fvq.revive_dead_slots()
     assert selected[:3] == [0, 0, 0] and min(selected[3:]) > 0, selected
     assert fvq.slot_revivals == 1
     slots = fvq.bridge.recover.weight.view(4, 8, -1)
@@ -111,11 +112,104 @@ def test_fvq_revives_a_code_slot_no_token_selected_for_revive_after_steps():
         fvq(torch.randn(2, 8, 4, 4))
         with torch.no_grad():
             fvq.bridge.recover.weight.add_(0.0)
+        fvq.revive_dead_slots()
     assert fvq.slot_revivals == 0
     off = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=0)
     assert off(torch.randn(2, 8, 4, 4)) is not None and off._step_counts is None
     with pytest.raises(ValueError, match="revive_after=-1 must be >= 0"):
         build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=-1)
+
+
+def _train_with_a_dead_slot(fvq, optimizer, steps, seed=0):
+    """``steps`` optimiser steps on random latents with slot 2 pushed far away; returns how often
+    slot 2 was selected at each step, and the revivals reported by each revive_dead_slots() call."""
+    with torch.no_grad():
+        fvq.bridge.recover.bias.view(fvq.group_size, -1)[2] = 100.0
+    torch.manual_seed(seed)
+    selected, revived = [], []
+    for _ in range(steps):
+        out = fvq(torch.randn(4, 8, 4, 4))
+        selected.append(torch.bincount(fvq.code_slots(out.indices.flatten()), minlength=4)[2].item())
+        optimizer.zero_grad()
+        out.loss.backward()
+        optimizer.step()
+        revived.append(fvq.revive_dead_slots())
+    return selected, revived
+
+
+def test_slot_revival_is_an_explicit_step_that_works_with_fused_adamw():
+    # Fused AdamW updates the weights without bumping their version counter, so a revival that
+    # watched the version would never fire; the explicit call after each step does.
+    torch.manual_seed(0)
+    fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=3)
+    selected, revived = _train_with_a_dead_slot(fvq, torch.optim.AdamW(fvq.parameters(), lr=1e-3, fused=True), 6)
+    assert selected[:3] == [0, 0, 0] and min(selected[3:]) > 0, selected
+    assert revived == [0, 0, 1, 0, 0, 0] and fvq.slot_revivals == 1
+
+    # Without the call nothing is revived, however many steps pass: forward passes only count.
+    torch.manual_seed(0)
+    quiet = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=3)
+    optimizer = torch.optim.AdamW(quiet.parameters(), lr=1e-3, fused=True)
+    with torch.no_grad():
+        quiet.bridge.recover.bias.view(4, 8)[2] = 100.0
+    for _ in range(6):
+        quiet(torch.randn(4, 8, 4, 4)).loss.backward()
+        optimizer.step()
+    assert quiet.slot_revivals == 0 and quiet._step_counts[2] == 0
+
+
+def test_every_quantizer_and_the_model_take_the_revival_call():
+    from fullvq import FVQModel
+
+    for name, kwargs in [("vq", {}), ("lc", {"feature_dim": 4}), ("simvq", {})]:
+        assert build_quantizer(name, codebook_size=16, codebook_dim=4, **kwargs).revive_dead_slots() == 0
+    residual = build_quantizer("residual", codebook_size=64, codebook_dim=8, base="fvq", num_quantizers=2,
+                               group_size=4, revive_after=1)
+    with torch.no_grad():
+        residual.levels[1].bridge.recover.bias.view(4, 8)[1:] = 100.0  # level 1: only slot 0 can win
+    residual(torch.randn(2, 8, 4, 4))
+    assert residual.revive_dead_slots() >= 3 and residual.levels[1].slot_revivals >= 3
+    model = FVQModel(sample_size=16, block_out_channels=(8, 8), layers_per_block=1, latent_channels=8,
+                     norm_num_groups=4, quantizer="fvq", codebook_size=64, codebook_dim=4,
+                     quantizer_kwargs={"group_size": 4, "revive_after": 1})
+    with torch.no_grad():
+        model.quantize.bridge.recover.bias.view(4, 4)[3] = 100.0
+    model(torch.rand(2, 3, 16, 16) * 2 - 1)
+    revived = model.revive_dead_slots()  # slot 3 at least, maybe another that these 128 tokens missed
+    assert revived >= 1 and model.quantize.slot_revivals == revived
+
+
+def _revive_on_two_ranks(rank: int, init_file: str, out_dir: str) -> None:
+    torch.distributed.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)  # the same start on both ranks, as DDP broadcasts it
+        fvq = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=2)
+        model = torch.nn.parallel.DistributedDataParallel(fvq)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+        with torch.no_grad():
+            fvq.bridge.recover.bias.view(4, 8)[2] = 100.0
+        torch.manual_seed(100 + rank)  # each rank its own data
+        for _ in range(3):
+            out = model(torch.randn(2, 8, 4, 4))
+            optimizer.zero_grad()
+            out.loss.backward()
+            optimizer.step()
+            fvq.revive_dead_slots()
+        torch.save({"weight": fvq.bridge.recover.weight.detach(), "revivals": fvq.slot_revivals},
+                   f"{out_dir}/rank{rank}.pt")
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_under_ddp_every_rank_revives_the_same_slots_with_the_same_noise(tmp_path):
+    import torch.multiprocessing as mp
+
+    # fork: the ranks start from this process's imports instead of importing torch again (seconds).
+    mp.start_processes(_revive_on_two_ranks, args=(str(tmp_path / "init"), str(tmp_path)), nprocs=2, join=True,
+                       start_method="fork")
+    ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
+    assert ranks[0]["revivals"] == ranks[1]["revivals"] == 1
+    assert torch.equal(ranks[0]["weight"], ranks[1]["weight"])
 
 
 def test_fvq_code_slots_follow_the_layout():

@@ -195,6 +195,19 @@ def test_bad_recipes_fail_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_the_trainer_revives_dead_slots_after_every_real_optimiser_step(tmp_path, monkeypatch):
+    from fullvq.tokenizer.modeling import FVQModel
+
+    calls = []
+    real = FVQModel.revive_dead_slots
+    monkeypatch.setattr(FVQModel, "revive_dead_slots", lambda model: calls.append(1) or real(model))
+    data = make_image_folder(tmp_path / "images", per_class=4)
+    config = load_config(TokenizerTrainConfig, write_recipe(tmp_path / "r.yaml", recipe(
+        tmp_path, data, max_steps=3, gradient_accumulation_steps=2, batch_size=2, checkpoint_every=3)))
+    train_tokenizer(config)
+    assert len(calls) == 3  # once per optimiser step, not per micro-batch of the accumulation
+
+
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
     from fullvq.jobs import train_tokenizer as train_module
 

@@ -61,15 +61,10 @@ class GPTStage(TrainingStage):
         self.sample_labels = spread_labels(cache, config.num_samples)
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        trainer, acc = self.trainer, self.trainer.accelerator
-        model, optimizer = self.models["model"], self.optimizers["model"]
         tokens = batch["tokens"]
         # The class prefix predicts token 0, so the last token is never an input (LlamaGen's way).
-        out = model(input_ids=tokens[:, :-1], class_labels=batch["label"], labels=tokens)
-        acc.backward(out.loss)
-        grad_norm = trainer.clip(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        out = self.models["model"](input_ids=tokens[:, :-1], class_labels=batch["label"], labels=tokens)
+        grad_norm = self.trainer.optimizer_step("model", out.loss)
         logs = {"loss": out.loss.detach(),
                 "token_accuracy": (out.logits.detach().argmax(-1) == tokens).float().mean()}
         if grad_norm is not None:
@@ -146,14 +141,10 @@ class LatentFlowStage(TrainingStage):
         return (codes - self.mean) / self.std
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        trainer, acc = self.trainer, self.trainer.accelerator
-        model, optimizer = self.models["model"], self.optimizers["model"]
-        labels = drop_labels(batch["label"], null_class(acc.unwrap_model(model)))
+        model = self.models["model"]
+        labels = drop_labels(batch["label"], null_class(self.trainer.accelerator.unwrap_model(model)))
         loss = diffusion_loss(model, self.objective, self.latents(batch["tokens"]), labels, self.scheduler)
-        acc.backward(loss)
-        grad_norm = trainer.clip(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = self.trainer.optimizer_step("model", loss)
         logs = {"loss": loss.detach()}
         if grad_norm is not None:
             logs["grad_norm"] = torch.as_tensor(grad_norm, device=loss.device).float()

@@ -95,9 +95,13 @@ class TrainingStage:
     trainer: "Trainer"
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
-        """One (micro-)batch: forward, ``trainer.accelerator.backward``, clip, ``optimizer.step()``
-        and ``zero_grad()`` for each optimiser. Returns detached scalar logs, ``"loss"`` among them."""
+        """One (micro-)batch: forward, then ``trainer.optimizer_step(name, loss)`` for each optimiser.
+        Returns detached scalar logs, ``"loss"`` among them."""
         raise NotImplementedError
+
+    def after_optimizer_step(self, name: str) -> None:
+        """Called by ``Trainer.optimizer_step`` right after optimiser ``name`` really stepped (not on
+        the micro-batches of gradient accumulation, nor on a step skipped for fp16 overflow)."""
 
     def periodic_logs(self, step: int) -> dict[str, float]:
         """Extra figures at each log step (called on every process; may all-reduce)."""
@@ -226,6 +230,20 @@ class Trainer:
         if self.config.max_grad_norm and self.accelerator.sync_gradients:
             return self.accelerator.clip_grad_norm_(module.parameters(), self.config.max_grad_norm)
         return None
+
+    def optimizer_step(self, name: str, loss: torch.Tensor) -> torch.Tensor | None:
+        """Backward ``loss``, clip, step and zero the optimiser of the stage's model ``name``, then the
+        stage's ``after_optimizer_step(name)`` if the step was taken. Returns the gradient norm before
+        clipping (None when not clipped)."""
+        optimizer = self.stage.optimizers[name]
+        self.accelerator.backward(loss)
+        grad_norm = self.clip(self.stage.models[name])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        # accelerate skips the step between accumulation boundaries and on fp16 overflow.
+        if self.accelerator.sync_gradients and not getattr(optimizer, "step_was_skipped", False):
+            self.stage.after_optimizer_step(name)
+        return grad_norm
 
     @property
     def is_main(self) -> bool:

@@ -85,23 +85,16 @@ class TokenizerStage(TrainingStage):
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         trainer, acc = self.trainer, self.trainer.accelerator
-        model, optimizer = self.models["model"], self.optimizers["model"]
+        model = self.models["model"]
         images = batch["pixel_values"]
         out = model(images)
         last_layer = acc.unwrap_model(model).decoder.conv_out.weight
         loss, logs = self.loss_fn.generator_loss(images, out.sample, out.loss, step, last_layer)
-        acc.backward(loss)
-        grad_norm = trainer.clip(model)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        grad_norm = trainer.optimizer_step("model", loss)
         if self.loss_fn.gan_active(step):
-            discriminator, d_optimizer = self.models["discriminator"], self.optimizers["discriminator"]
-            d_optimizer.zero_grad(set_to_none=True)  # the generator pass left gradients there
-            d_loss, d_logs = self.loss_fn.discriminator_loss(images, out.sample, step, discriminator)
-            acc.backward(d_loss)
-            trainer.clip(discriminator)
-            d_optimizer.step()
-            d_optimizer.zero_grad(set_to_none=True)
+            self.optimizers["discriminator"].zero_grad(set_to_none=True)  # the generator pass left gradients there
+            d_loss, d_logs = self.loss_fn.discriminator_loss(images, out.sample, step, self.models["discriminator"])
+            trainer.optimizer_step("discriminator", d_loss)
             logs.update(d_logs)
         self.usage.update(out.indices)
         if "skipped" in batch:
@@ -111,6 +104,11 @@ class TokenizerStage(TrainingStage):
         if grad_norm is not None:
             logs["grad_norm"] = torch.as_tensor(grad_norm, device=images.device).float()
         return logs
+
+    def after_optimizer_step(self, name: str) -> None:
+        # Slot revival (fvq) is a training policy, run here once the weights have stepped.
+        if name == "model":
+            self.trainer.accelerator.unwrap_model(self.models["model"]).revive_dead_slots()
 
     def periodic_logs(self, step: int) -> dict[str, float]:
         """Code usage and perplexity over every token since the last log, summed over processes."""

@@ -215,6 +215,13 @@ class FVQModel(ModelMixin, ConfigMixin):
         """Images in [-1, 1] from code indices as returned by ``encode_indices``."""
         return self.decode(self.quantize.lookup(indices.to(self.device))).clamp(-1, 1)
 
+    def revive_dead_slots(self) -> int:
+        """Call after every optimiser step when training: the quantizer revives the parts of its
+        codebook map that no token selected for a while (``fvq``'s code slots; a no-op for the other
+        families). On many processes every rank must call it (the counts are summed over them).
+        Returns how many it revived."""
+        return self.quantize.revive_dead_slots()
+
     @torch.no_grad()
     def export_plain(self) -> "FVQModel":
         """The same tokenizer with the mapped codebook C_hat = f(C) baked into a plain ``vq`` table.

@@ -204,6 +204,11 @@ class CodebookQuantizer(nn.Module):
             commitment_loss=commitment_loss,
         )
 
+    def revive_dead_slots(self) -> int:
+        """Called after each optimiser step in training; families that revive unused parts of their
+        codebook map do it here (``fvq``). Returns how many parts it revived: none by default."""
+        return 0
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Codes for (B, H, W) indices, as a (B, D, H, W) map."""
         check_indices(indices, self.codebook_size)

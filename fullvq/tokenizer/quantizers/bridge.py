@@ -6,7 +6,8 @@ K x D (recover: LayerNorm, linear width -> G*D). The recover layer starts near z
 code: exactly zero), so C_hat starts near zero and grows from it. Because the map mixes all codes,
 every code of the base codebook receives a gradient at every step, whichever codes were selected.
 The recover layer is the exception: each of a token's G code slots has its own rows, which learn
-only when that slot wins a token, so training revives a slot that wins none (``revive_after``).
+only when that slot wins a token, so training revives a slot that wins none: the training loop
+calls ``revive_dead_slots()`` after every optimiser step (``revive_after``).
 """
 
 from __future__ import annotations
@@ -29,11 +30,8 @@ def default_group_size(codebook_size: int) -> int:
     65,536) and caps G at 64 (4,096 tokens at 262,144); below 16,384 that rule gives G = K / 1,024
     (1 at 1,024, 4 at 4,096). The largest of 64 / 16 / 4 / 1 that is at most K / 1,024 and divides K.
 
-    G is not only a cost: each of a token's G code slots has its own rows of the recover layer, and
-    those rows get a gradient only when one of that slot's codes is selected. A slot that loses
-    early stays dead with all its K / G codes (see ``RECOVER_INIT_STD``). With G = 16 at K = 1,024
-    (64 tokens) and the official all-zero start, 10 of 16 slots never woke in 300 steps on the
-    digits (31 % usage); G = 1 gave 100 % (benchmarks/codebook_scaling.py's autoencoder).
+    G is not only a cost: each of a token's G code slots learns only when one of its codes is
+    selected, so a large G at a small K leaves slots dead (benchmarks/README.md, lab notes).
     """
     return next(g for g in GROUP_SIZES if g <= max(1, codebook_size // 1024) and codebook_size % g == 0)
 
@@ -72,30 +70,15 @@ class BridgeBlock(nn.Module):
 
 
 LAYOUTS = ("groups", "square")
-# How the bridge's hidden layers start: the official code's xavier weights and zero biases, or
-# PyTorch's defaults (whose uniform compress bias dwarfs the uniform(-1/K, 1/K) codebook, so that
-# every bridge token starts almost the same).
+# The bridge's hidden layers start as the official code's (xavier weights, zero biases) or PyTorch's.
 BRIDGE_INITS = ("official", "pytorch")
-# How the recover layer starts. The official code starts it at exactly zero: then every code of C_hat
-# is zero at step 0, every token ties and goes to code 0, and only code slot 0 of the G slots gets a
-# gradient; the other slots wake only while the zero point is some token's nearest code. Digits,
-# K = 16,384 (G = 16), benchmarks/codebook_scaling.py's autoencoder: 5 of 16 slots had woken after
-# 100 steps and usage ended at 26 % after 300. Independent N(0, 0.002^2) weights per slot make every
-# slot win some tokens at step 0, but the slots start with unequal scales along the data, and the
-# weaker ones lose everything within 5-10 steps and never return (2 of 16 dead, usage stuck at 85 %
-# after 300, 600 and 1,200 steps). So every slot starts from the same N(0, std^2) rows plus its own
-# noise RECOVER_SLOT_NOISE times as large: the official symmetric start, with ties broken at random
-# per token instead of toward code 0: 16 of 16 slots alive after 300 steps (against 14), though not
-# for good (see REVIVE_AFTER_STEPS). recover_std=0 is the official start.
+# Every code slot's recover rows start from the same N(0, std^2) rows plus a tenth as much noise of
+# their own (std 0: the official all-zero start, which leaves most slots unused; see
+# benchmarks/README.md, "Lab notes behind the fvq defaults", for the runs behind these numbers).
 RECOVER_INIT_STD = 0.002
 RECOVER_SLOT_NOISE = 0.1
-# A slot can still lose every token later (digits, K = 16,384: 1 of 16 slots dead after 600 steps,
-# 3 after 1,200, even from the alike start), and a dead slot never gets a gradient again: its
-# recover rows stay at their init, its K / G codes near zero, far from the encoder's outputs. So
-# training revives a slot that no token selected for this many steps in a row: it takes a copy of
-# the recover rows of the busiest slot, plus noise RECOVER_SLOT_NOISE times their std, and splits
-# that slot's tokens with it. The architecture and saved weights are the paper's; inference is
-# untouched, and a run where every slot stays busy (the paper's: 100 % usage) is unchanged.
+# Training revives a slot that no token selected for this many optimiser steps in a row (a dead
+# slot never gets a gradient again); saved weights and inference stay the paper's.
 REVIVE_AFTER_STEPS = 20
 
 
@@ -214,8 +197,9 @@ class FVQQuantizer(CodebookQuantizer):
         recover_std: std of the recover layer's initial weights (default 0.002; 0: all zero, as the
             official code, which leaves most of the G code slots unused in short runs).
         revive_after: in training, a code slot that no token selected for this many optimiser steps
-            in a row restarts from a copy of the busiest slot (``REVIVE_AFTER_STEPS``, 20; 0: never).
-            Counts are summed over processes, so every rank revives the same slots the same way.
+            in a row restarts from a copy of the busiest slot (``REVIVE_AFTER_STEPS``, 20; 0: never)
+            when ``revive_dead_slots()`` is called after the step. Counts are summed over processes,
+            so every rank revives the same slots the same way.
     """
 
     def __init__(
@@ -265,8 +249,7 @@ class FVQQuantizer(CodebookQuantizer):
         self.slot_revivals = 0  # slots revived so far in this process (for logs and tests)
         # Optimiser steps in a row in which no token selected each slot; not saved with the weights.
         self.register_buffer("slot_idle_steps", torch.zeros(group_size, dtype=torch.long), persistent=False)
-        self._step_counts: torch.Tensor | None = None  # slot counts of the searches since the last step
-        self._step_version: int | None = None  # the recover weight's version at the last search
+        self._step_counts: torch.Tensor | None = None  # slot counts of the training searches since the last step
 
     def code_slots(self, indices: torch.Tensor) -> torch.Tensor:
         """The code slot (0 .. G-1: which rows of the recover layer made it) of each code index."""
@@ -276,43 +259,44 @@ class FVQQuantizer(CodebookQuantizer):
         return (indices // side % patch) * patch + indices % side % patch
 
     def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        tracking = self.training and torch.is_grad_enabled() and self.revive_after > 0 and self.group_size > 1
-        if tracking:
-            self._close_step()
         target, z_q, indices = super().quantize(z)
-        if tracking:
+        # Count which slots the training searches select (a statistic: no weight changes here);
+        # revive_dead_slots() reads the counts after the optimiser step.
+        if self.training and torch.is_grad_enabled() and self.revive_after > 0 and self.group_size > 1:
             counts = torch.bincount(self.code_slots(indices.detach().reshape(-1)), minlength=self.group_size)
             self._step_counts = counts if self._step_counts is None else self._step_counts + counts
-            self._step_version = self.bridge.recover.weight._version
         return target, z_q, indices
 
     @torch.no_grad()
-    def _close_step(self) -> None:
-        """At the first search after an optimiser step (the recover weight changed in place since the
-        last search, so that step's graph is gone and editing the weight is safe): count the finished
-        step's idle slots, summed over processes, and revive the slots idle for ``revive_after`` steps.
-        Several searches before a step (gradient accumulation, multi-scale) count as one step."""
-        weight = self.bridge.recover.weight
-        if self._step_counts is None or weight._version == self._step_version:
-            return
+    def revive_dead_slots(self) -> int:
+        """Call after each optimiser step in training: counts the finished step's idle code slots
+        (summed over processes, so every rank agrees) and restarts each slot that no token selected
+        for ``revive_after`` steps in a row from a copy of a busy slot's recover rows, plus noise
+        seeded by the revival's number (the same on every process). Returns how many slots it revived.
+
+        Every training search since the last call counts as one step (gradient accumulation,
+        multi-scale); with no search since then (evaluation, a skipped step) nothing is counted.
+        """
+        if self._step_counts is None:
+            return 0
         counts = sum_over_processes(self._step_counts)
         self._step_counts = None
         self.slot_idle_steps = torch.where(counts > 0, 0, self.slot_idle_steps + 1)
         dead = (self.slot_idle_steps >= self.revive_after).nonzero().flatten().tolist()
         if not dead:  # the usual step: one small read of the idle flags, nothing else
-            return
+            return 0
         busiest = counts.argsort(descending=True)[: max(1, int((counts > 0).sum()))].tolist()
-        rows = weight.view(self.group_size, self.codebook_dim, -1)
+        rows = self.bridge.recover.weight.view(self.group_size, self.codebook_dim, -1)
         bias = self.bridge.recover.bias.view(self.group_size, self.codebook_dim)
         for number, slot in enumerate(dead):
             source = busiest[number % len(busiest)]
-            # The same noise on every process: a generator seeded by the revival's number.
             generator = torch.Generator().manual_seed(self.slot_revivals)
             noise = torch.randn(rows[source].shape, generator=generator).to(rows)
             rows[slot] = rows[source] + noise * (RECOVER_SLOT_NOISE * rows[source].std())
             bias[slot] = bias[source]
             self.slot_idle_steps[slot] = 0
             self.slot_revivals += 1
+        return len(dead)
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.bridge(self.base_codebook.weight))

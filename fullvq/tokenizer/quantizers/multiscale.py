@@ -98,6 +98,11 @@ class MultiScaleQuantizer(nn.Module):
             commitment_loss=commitment_loss,
         )
 
+    def revive_dead_slots(self) -> int:
+        """The shared quantizer's ``revive_dead_slots`` (call after each optimiser step): every scale's
+        search since the last step counts as one step."""
+        return self.quantizer.revive_dead_slots()
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """The summed code map (B, D, S, S) for flattened (B, sum(s * s)) indices."""
         lengths = [s * s for s in self.scales]

@@ -56,6 +56,10 @@ class ResidualQuantizer(nn.Module):
             commitment_loss=commitment_loss / n,
         )
 
+    def revive_dead_slots(self) -> int:
+        """Each level's ``revive_dead_slots`` (call after each optimiser step); returns the total."""
+        return sum(level.revive_dead_slots() for level in self.levels)
+
     def lookup(self, indices: torch.Tensor) -> torch.Tensor:
         """Sum of every level's codes for (B, H, W, num_quantizers) indices."""
         if indices.ndim != 4 or indices.shape[-1] != len(self.levels):
