@@ -36,3 +36,36 @@ def test_fast_demo_runs_both_stages_end_to_end(tmp_path):
     assert images.shape == (1, 3, 32, 32)
     # Running again reuses the finished runs instead of refusing or starting over.
     assert main(["demo", "--out", str(tmp_path), "--fast"]) == 0
+
+
+def test_old_flag_spellings_still_work_for_a_release_and_say_so(tmp_path, capsys):
+    # The same refusal (a missing checkpoint) reached through --out and --image-size, the old spellings.
+    code = main(["convert", "--from", "llamagen-vq", str(tmp_path / "missing.pt"), "--out", str(tmp_path / "x"),
+                 "--image-size", "32"])
+    err = capsys.readouterr().err
+    assert code == 2 and "missing.pt does not exist" in err
+    assert "--out is deprecated and will be removed in the next release; use --output" in err
+    assert "--image-size is deprecated" in err and "DeprecationWarning" in err
+    assert main(["convert", "--from", "llamagen-vq", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x")]) == 2
+    assert "deprecated" not in capsys.readouterr().err
+
+
+def test_user_errors_are_reported_as_argparse_reports_them(tmp_path, capsys):
+    code = main(["cache-tokens", "--tokenizer", str(tmp_path / "none"), "--data", "demo", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("usage: fullvq cache-tokens")
+    assert "fullvq cache-tokens: error: tokenizer folder" in err and "does not exist" in err
+    assert main(["sample", "--no-such-flag"]) == 2  # argparse's own errors: the same status, no SystemExit
+
+
+def test_the_command_line_offers_exactly_the_choices_the_jobs_accept():
+    from fullvq.commands import cache_tokens, convert, eval as eval_command, init_codebook
+    from fullvq.eval.inception import INCEPTION_WEIGHTS_ENV
+    from fullvq.jobs import cache_tokens as cache_job, convert as convert_job
+    from fullvq.tokenizer.kmeans import INITS
+    from fullvq.tokenizer.patch_features import FEATURE_SPACES
+
+    assert cache_tokens.AUGMENTATIONS == tuple(cache_job.AUGMENTATIONS)
+    assert (convert.SOURCES, convert.TOKENIZER_SOURCES) == (convert_job.SOURCES, convert_job.TOKENIZER_SOURCES)
+    assert (init_codebook.INITS, init_codebook.FEATURE_SPACES) == (INITS, FEATURE_SPACES)
+    assert eval_command.INCEPTION_WEIGHTS_ENV == INCEPTION_WEIGHTS_ENV

@@ -18,7 +18,8 @@ from fullvq.cli import main as cli_main  # noqa: E402
 from fullvq.tokenizer import build_quantizer  # noqa: E402
 from fullvq.jobs.init_codebook import split_codes, stats_paths  # noqa: E402
 from fullvq.tokenizer.kmeans import kmeans  # noqa: E402
-from fullvq.tokenizer.patch_features import PatchFeatureExtractor, extract_features, pool_patches  # noqa: E402
+from fullvq.tokenizer.patch_features import PatchFeatureExtractor, pool_patches  # noqa: E402
+from fullvq.tokenizer.patch_features import extract_patch_features as extract_features  # noqa: E402
 from fullvq.data import build_dataset  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,

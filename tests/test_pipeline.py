@@ -184,6 +184,26 @@ def test_components_rebuild_the_pipeline_and_dtype_selection_works(pipe, saved):
     assert images.dtype == torch.float32 and images.shape == (1, 3, 32, 32)
 
 
+def test_each_pipeline_kind_names_its_sampling_settings_and_their_one_default(pipe):
+    from fullvq.generator import DEFAULT_DIT_GUIDANCE_SCALE, DEFAULT_GUIDANCE_SCALE, build_transformer
+    from fullvq.generator.latent_flow import sampling_scheduler
+    from fullvq.pipelines import LatentFlowPipeline
+
+    assert DEFAULT_GUIDANCE_SCALE == 2.0 and DEFAULT_DIT_GUIDANCE_SCALE == 4.0
+    assert pipe.sampling_options(temperature=0.5, top_k=None) == {
+        "guidance_scale": DEFAULT_GUIDANCE_SCALE, "guidance_schedule": "constant", "temperature": 0.5, "top_k": 0,
+        "top_p": 1.0}
+    with pytest.raises(ValueError, match="num_inference_steps does not apply to a FullVQPipeline"):
+        pipe.sampling_options(num_inference_steps=3)
+    transformer = build_transformer(latent_channels=8, grid_size=8, num_classes=3, num_layers=1,
+                                    num_attention_heads=2, attention_head_dim=8, norm_num_groups=4)
+    flow = LatentFlowPipeline(pipe.tokenizer, transformer, sampling_scheduler("flow"))
+    assert flow.sampling_options(guidance_scale=None) == {
+        "guidance_scale": DEFAULT_DIT_GUIDANCE_SCALE, "num_inference_steps": 50, "snap_to_codebook": False}
+    with pytest.raises(ValueError, match="temperature, top_p do not apply to a LatentFlowPipeline"):
+        flow.sampling_options(temperature=0.5, top_p=0.9)
+
+
 def test_parse_labels_splits_id_lists_and_keeps_names_whole():
     assert parse_labels(["0,2", "1", "golden retriever", "tench, Tinca tinca"]) == [
         0, 2, 1, "golden retriever", "tench, Tinca tinca"]

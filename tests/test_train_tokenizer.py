@@ -195,6 +195,18 @@ def test_bad_recipes_fail_before_any_work(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_data_resolution_and_model_sample_size_are_one_number(tmp_path):
+    base = recipe(tmp_path, make_image_folder(tmp_path / "images", per_class=2))
+    path = write_recipe(tmp_path / "r.yaml", base)
+    with pytest.raises(ConfigError, match="data.resolution=64 differs from model.sample_size=32; they are the same"):
+        load_config(TokenizerTrainConfig, path, ["data.resolution=64"])
+    del base["data"]["resolution"]
+    assert load_config(TokenizerTrainConfig, write_recipe(tmp_path / "a.yaml", base), []).data.resolution == 32
+    del base["model"]["sample_size"]
+    base["data"]["resolution"] = 64
+    assert load_config(TokenizerTrainConfig, write_recipe(tmp_path / "b.yaml", base), []).model["sample_size"] == 64
+
+
 def test_the_trainer_revives_dead_slots_after_every_real_optimiser_step(tmp_path, monkeypatch):
     from fullvq.tokenizer.modeling import FVQModel
 

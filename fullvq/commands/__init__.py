@@ -28,6 +28,28 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callab
         return fail(parser, error)
 
 
+class _Renamed(argparse.Action):
+    """A value flag with old spellings: each still works for one release, and says so on stderr."""
+
+    def __init__(self, option_strings, dest, deprecated: tuple[str, ...] = (), **kwargs):
+        self.deprecated = tuple(deprecated)
+        super().__init__(option_strings, dest, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if option_string in self.deprecated:
+            print(f"{parser.prog}: DeprecationWarning: {option_string} is deprecated and will be removed in the next "
+                  f"release; use {self.option_strings[0]}", file=sys.stderr)
+        setattr(namespace, self.dest, values)
+
+
+def add_renamed(parser, name: str, *deprecated: str, **kwargs) -> argparse.Action:
+    """``parser.add_argument(name, ...)`` that also accepts the ``deprecated`` spellings (shown in
+    ``--help`` as such), printing a DeprecationWarning to stderr when one is used."""
+    if deprecated:
+        kwargs["help"] = f"{kwargs.get('help', '')} (old spelling {', '.join(deprecated)}: deprecated)".strip()
+    return parser.add_argument(name, *deprecated, action=_Renamed, deprecated=deprecated, **kwargs)
+
+
 def fail(parser: argparse.ArgumentParser, error: BaseException | str) -> int:
     """Report ``error`` as argparse reports a usage error; returns the exit status 2."""
     parser.print_usage(sys.stderr)
@@ -35,4 +57,4 @@ def fail(parser: argparse.ArgumentParser, error: BaseException | str) -> int:
     return 2
 
 
-__all__ = ["run", "fail"]
+__all__ = ["run", "fail", "add_renamed"]

@@ -5,7 +5,7 @@ centre crop and its mirror image; ``ten-crop``: LlamaGen's ten crops), so stage 
 codes without decoding a single image. Re-running the same command (with any number of
 processes) finishes an interrupted cache; ``--latents`` adds the codebook a DiT / flow head needs.
 
-    fullvq cache-tokens --tokenizer runs/tokenizer/model --source demo --output tokens/demo
+    fullvq cache-tokens --tokenizer runs/tokenizer/model --data demo --output tokens/demo
     accelerate launch -m fullvq.cli cache-tokens --tokenizer ... --augmentation ten-crop ...
 """
 
@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError
-from . import run
+from . import add_renamed, run
 
 # The views the job knows (fullvq.jobs.cache_tokens.AUGMENTATIONS; a test keeps them equal).
 AUGMENTATIONS = ("none", "flip", "ten-crop")
@@ -25,7 +25,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--tokenizer", required=True, type=Path, help="FVQModel folder (<tokenizer run>/model)")
-    parser.add_argument("--source", required=True, help="image folder, save_to_disk folder, hub dataset name, or demo")
+    add_renamed(parser, "--data", "--source", required=True,
+                help="image folder, save_to_disk folder, parquet file, hub dataset name, or demo")
     parser.add_argument("--output", required=True, type=Path, help="cache folder to write (or to finish)")
     parser.add_argument("--resolution", type=int, default=None,
                         help="image side in pixels (default: the tokenizer's sample_size)")
@@ -37,7 +38,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch, per process")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard folder")
     parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
-    parser.add_argument("--limit", type=int, default=None, help="cache only the first N images")
+    add_renamed(parser, "--max-images", "--limit", type=int, default=None, help="cache only the first N images")
     parser.add_argument("--latents", action="store_true",
                         help="also store the codebook, so a DiT / flow head can train on the quantized latents")
     return parser
@@ -46,10 +47,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _cache_tokens(args: argparse.Namespace) -> int:
     from ..jobs.cache_tokens import cache_tokens
 
-    cache_tokens(args.tokenizer, args.source, args.output, resolution=args.resolution,
+    cache_tokens(args.tokenizer, args.data, args.output, resolution=args.resolution,
                  augmentation=args.augmentation, split=args.split, image_column=args.image_column,
                  label_column=args.label_column, batch_size=args.batch_size, shard_size=args.shard_size,
-                 num_workers=args.num_workers, limit=args.limit, latents=args.latents)
+                 num_workers=args.num_workers, limit=args.max_images, latents=args.latents)
     return 0
 
 

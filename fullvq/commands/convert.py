@@ -1,11 +1,11 @@
-"""``fullvq convert --from KIND CHECKPOINT --out DIR``: an original LlamaGen / FVQ / VQGAN-LC checkpoint
+"""``fullvq convert --from KIND CHECKPOINT --output DIR``: an original LlamaGen / FVQ / VQGAN-LC checkpoint
 as a fullvq folder (``fullvq.jobs.convert``)."""
 
 from __future__ import annotations
 
 import argparse
 
-from . import run
+from . import add_renamed, run
 
 # The formats the job converts (fullvq.jobs.convert.SOURCES / TOKENIZER_SOURCES; a test keeps them equal).
 SOURCES = ("llamagen-vq", "llamagen-gpt", "fvq", "vqgan-lc")
@@ -17,18 +17,19 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
         prog=prog,
         description="Convert an original LlamaGen / FVQ / VQGAN-LC checkpoint (.pt, read with weights_only=True) "
                     "into a fullvq save_pretrained folder. Example: --from llamagen-gpt c2i_L_256.pt "
-                    "--tokenizer-checkpoint vq_ds16_c2i.pt --out llamagen-L (a FullVQPipeline folder).",
+                    "--tokenizer-checkpoint vq_ds16_c2i.pt --output llamagen-L (a FullVQPipeline folder).",
     )
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                         help="checkpoint kind: llamagen-vq (LlamaGen VQ-8/16), fvq (FVQ tokenizer: VQGAN format or "
                              "with its VQBridge), "
                              "vqgan-lc (VQGAN-LC tokenizer), llamagen-gpt (LlamaGen class-to-image GPT)")
     parser.add_argument("checkpoint", help="the original .pt / .pth checkpoint")
-    parser.add_argument("--out", required=True, help="output folder (written atomically)")
+    add_renamed(parser, "--output", "--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--weights", default="auto",
                         help="state dict to read: auto (ema, model, module, state_dict, else the file's dict), "
                              "one of those keys, or root")
-    parser.add_argument("--image-size", type=int, default=256, help="tokenizer sample_size in pixels (default 256)")
+    add_renamed(parser, "--resolution", "--image-size", type=int, default=256,
+                help="the tokenizer's image side (sample_size) in pixels (default 256)")
     norm = parser.add_mutually_exclusive_group()
     norm.add_argument("--l2-norm", dest="l2_norm", action="store_true", default=None,
                       help="codebook search on the unit sphere (default for llamagen-vq)")
@@ -52,7 +53,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                              "class, the last row)")
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16", "float16"),
                         help="dtype of the saved weights")
-    parser.add_argument("--overwrite", action="store_true", help="replace an existing --out folder")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing --output folder")
     return parser
 
 
@@ -62,7 +63,7 @@ def _convert(args: argparse.Namespace) -> int:
     from ..jobs.convert import convert_checkpoint
 
     convert_checkpoint(
-        args.source, args.checkpoint, args.out, weights=args.weights, image_size=args.image_size,
+        args.source, args.checkpoint, args.output, weights=args.weights, image_size=args.resolution,
         l2_norm=args.l2_norm, codebook=args.codebook, grid_size=args.grid_size, num_heads=args.num_heads,
         num_classes=args.num_classes, tokenizer_checkpoint=args.tokenizer_checkpoint,
         tokenizer_source=args.tokenizer_from, tokenizer_weights=args.tokenizer_weights,

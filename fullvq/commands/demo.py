@@ -7,9 +7,9 @@
    PSNR, rFID and gFID (offline Inception weights), and the class accuracy of the generated digits
    as judged by a small digit classifier trained on the same data.
 
-Everything lands in ``--out``: ``pipeline/`` (load with ``FullVQPipeline.from_pretrained``),
+Everything lands in ``--output``: ``pipeline/`` (load with ``FullVQPipeline.from_pretrained``),
 ``samples.png`` (a row per class), ``reconstructions.png``, ``usage.png``, ``demo.json``, and
-the two training runs. Re-running with the same ``--out`` resumes or reuses what is there.
+the two training runs. Re-running with the same ``--output`` resumes or reuses what is there.
 ``--fast`` shrinks every step (a check that runs in about a minute; its figures mean little).
 """
 
@@ -18,13 +18,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import run
+from . import add_renamed, run
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog=prog, description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", type=Path, default=Path("fullvq-demo"), help="output folder")
+    add_renamed(parser, "--output", "--out", type=Path, default=Path("fullvq-demo"), help="output folder")
     parser.add_argument("--fast", action="store_true", help="tiny sizes and a few steps (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)
     return parser
@@ -33,7 +33,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 def _demo(args: argparse.Namespace) -> int:
     from ..jobs.demo import run_demo
 
-    run_demo(args.out, fast=args.fast, seed=args.seed)
+    run_demo(args.output, fast=args.fast, seed=args.seed)
     return 0
 
 

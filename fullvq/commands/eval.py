@@ -6,7 +6,7 @@ Examples::
     export FULLVQ_INCEPTION_WEIGHTS=~/inception-fid.pth
     fullvq eval rfid --tokenizer runs/tok/final --data /data/imagenet --split validation --output eval/rfid
     fullvq eval gfid --pipeline runs/pipe --reference VIRTUAL_imagenet256_labeled.npz --output eval/gfid
-    fullvq eval reference-stats --reference /data/imagenet/val --resolution 256 --output imagenet256.npz
+    fullvq eval reference-stats --data /data/imagenet/val --resolution 256 --output imagenet256.npz
 
 Many GPUs: ``accelerate launch -m fullvq.cli eval gfid ...`` (each process makes its share).
 """
@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from . import run
+from . import add_renamed, run
 
 # fullvq.eval.inception.INCEPTION_WEIGHTS_ENV (a test keeps them equal, so --help stays light).
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
@@ -40,7 +40,7 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     rfid.add_argument("--tokenizer", required=True, help="folder written by FVQModel.save_pretrained")
     rfid.add_argument("--data", required=True, help="image folder, 'demo', a hub dataset or a parquet/arrow file")
     rfid.add_argument("--split", default="train", help="dataset split (default: train)")
-    rfid.add_argument("--num-images", type=int, default=None, help="evaluate only the first N images")
+    add_renamed(rfid, "--max-images", "--num-images", type=int, default=None, help="evaluate only the first N images")
     rfid.add_argument("--output", required=True, help="folder for report.json and the PNGs")
     rfid.add_argument("--batch-size", type=int, default=32)
     rfid.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG16 weights needed)")
@@ -57,18 +57,21 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--classes", type=_classes, default=None, help="class ids, e.g. 0,1,2 (default: all)")
     gfid.add_argument("--batch-size", type=int, default=32)
     gfid.add_argument("--seed", type=int, default=0)
-    gfid.add_argument("--guidance-scale", type=float, default=2.0)
-    gfid.add_argument("--temperature", type=float, default=1.0)
-    gfid.add_argument("--top-k", type=int, default=0)
-    gfid.add_argument("--top-p", type=float, default=1.0)
-    gfid.add_argument("--num-inference-steps", type=int, default=50, help="DiT / flow pipelines: scheduler steps")
-    gfid.add_argument("--snap-to-codebook", action="store_true",
+    gfid.add_argument("--guidance-scale", type=float, default=None,
+                      help="classifier-free guidance (default: the pipeline's, 2.0 GPT, 4.0 DiT / flow)")
+    gfid.add_argument("--temperature", type=float, default=None, help="GPT pipelines (default 1)")
+    gfid.add_argument("--top-k", type=int, default=None, help="GPT pipelines (default 0 = off)")
+    gfid.add_argument("--top-p", type=float, default=None, help="GPT pipelines (default 1 = off)")
+    gfid.add_argument("--num-inference-steps", type=int, default=None,
+                      help="DiT / flow pipelines: scheduler steps (default 50)")
+    gfid.add_argument("--snap-to-codebook", action="store_const", const=True, default=None,
                       help="DiT / flow pipelines: decode the nearest codes of the generated latents")
     gfid.add_argument("--reference-split", default="train")
     gfid.add_argument("--reference-resolution", type=int, default=None,
                       help="centre-crop reference images to R x R (default: datasets to the samples' size, "
                            "folders as they are)")
-    gfid.add_argument("--reference-limit", type=int, default=None, help="use only the first N reference images")
+    add_renamed(gfid, "--reference-max-images", "--reference-limit", type=int, default=None,
+                help="use only the first N reference images")
     gfid.add_argument("--cache-dir", default=None,
                       help="reference statistics cache (default: $FULLVQ_CACHE_DIR or ~/.cache/fullvq, + /inception)")
     gfid.add_argument("--no-cache", action="store_true", help="do not read or write the statistics cache")
@@ -78,11 +81,11 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--isc-splits", type=int, default=10)
 
     stats = commands.add_parser("reference-stats", help="write Inception statistics (+ features) of a reference set")
-    stats.add_argument("--reference", required=True, help="image folder, build_dataset source, or ADM .npz")
+    add_renamed(stats, "--data", "--reference", required=True, help="image folder, build_dataset source, or ADM .npz")
     stats.add_argument("--output", required=True, help=".npz file to write (use it as gfid --reference)")
     stats.add_argument("--resolution", type=int, default=None, help="centre-crop to R x R (required for datasets)")
     stats.add_argument("--split", default="train")
-    stats.add_argument("--limit", type=int, default=None, help="use only the first N images")
+    add_renamed(stats, "--max-images", "--limit", type=int, default=None, help="use only the first N images")
 
     convert = commands.add_parser(
         "convert-inception",
@@ -127,8 +130,8 @@ def _evaluate(args: argparse.Namespace) -> int:
     if args.command == "reference-stats":
         from ..jobs.eval_generation import save_reference_statistics
 
-        stats = save_reference_statistics(args.reference, args.output, resolution=args.resolution, split=args.split,
-                                          limit=args.limit, inception_weights=args.inception_weights,
+        stats = save_reference_statistics(args.data, args.output, resolution=args.resolution, split=args.split,
+                                          limit=args.max_images, inception_weights=args.inception_weights,
                                           batch_size=args.inception_batch_size, num_workers=args.num_workers)
         if process_state().is_main_process:
             print(f"wrote {args.output}: statistics of {stats.num_images} images (use it as gfid --reference)")
@@ -137,7 +140,7 @@ def _evaluate(args: argparse.Namespace) -> int:
         from ..jobs.eval_reconstruction import evaluate_reconstruction
 
         report = evaluate_reconstruction(
-            args.tokenizer, args.data, args.output, split=args.split, num_images=args.num_images,
+            args.tokenizer, args.data, args.output, split=args.split, num_images=args.max_images,
             batch_size=args.batch_size, inception_weights=args.inception_weights,
             inception_batch_size=args.inception_batch_size, lpips=not args.no_lpips,
             lpips_weights=args.lpips_weights, num_grid=args.num_grid, num_workers=args.num_workers,
@@ -151,7 +154,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             guidance_scale=args.guidance_scale, temperature=args.temperature, top_k=args.top_k,
             top_p=args.top_p, num_inference_steps=args.num_inference_steps,
             snap_to_codebook=args.snap_to_codebook, reference_split=args.reference_split,
-            reference_resolution=args.reference_resolution, reference_limit=args.reference_limit,
+            reference_resolution=args.reference_resolution, reference_limit=args.reference_max_images,
             inception_weights=args.inception_weights, inception_batch_size=args.inception_batch_size,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, kid_subset_size=args.kid_subset_size,
             kid_subsets=args.kid_subsets, prc_neighborhood=args.prc_neighborhood, isc_splits=args.isc_splits,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import run
+from . import add_renamed, run
 
 # The choices the job checks again (fullvq.tokenizer.kmeans.INITS, patch_features.FEATURE_SPACES); a
 # test keeps them equal, so --help stays light.
@@ -24,12 +24,13 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--data", required=True,
                         help="image folder (one sub-folder per class), hub dataset name or 'demo'")
     parser.add_argument("--num-codes", type=int, required=True, help="codebook size N")
-    parser.add_argument("--out", required=True, help="output .safetensors file (key 'codebook', float32 N x D)")
-    parser.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    add_renamed(parser, "--output", "--out", required=True,
+                help="output .safetensors file (key 'codebook', float32 N x D)")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
     parser.add_argument("--per-class", action="store_true", help="cluster each class separately (N split over classes)")
     parser.add_argument("--split", default="train", help="dataset split (default: train)")
-    parser.add_argument("--image-size", type=int, default=None,
-                        help="encoder input size (default: its processor / config)")
+    add_renamed(parser, "--resolution", "--image-size", type=int, default=None,
+                help="encoder input side in pixels (default: its processor / config)")
     parser.add_argument("--feature-space", choices=FEATURE_SPACES, default="hidden",
                         help="hidden: last hidden state (default); projected: CLIP's projection head")
     parser.add_argument("--pool-factor", type=int, default=1,
@@ -61,8 +62,8 @@ def _init_codebook(args: argparse.Namespace) -> int:
     from ..jobs.init_codebook import init_codebook, stats_paths
 
     stats = init_codebook(
-        args.encoder, args.data, args.num_codes, args.out, per_class=args.per_class, overwrite=args.overwrite,
-        split=args.split, image_size=args.image_size, feature_space=args.feature_space,
+        args.encoder, args.data, args.num_codes, args.output, per_class=args.per_class, overwrite=args.overwrite,
+        split=args.split, image_size=args.resolution, feature_space=args.feature_space,
         pool_factor=args.pool_factor, features_per_image=args.features_per_image, max_images=args.max_images,
         num_iters=args.iters, tol=args.tol, init=args.init, seed=args.seed, device=args.device,
         dtype=getattr(torch, args.dtype), batch_size=args.batch_size, num_workers=args.num_workers,

@@ -1,4 +1,4 @@
-"""``fullvq sample PIPELINE_DIR --labels ... --out DIR``: generate images from a pipeline folder.
+"""``fullvq sample PIPELINE_DIR --labels ... --output DIR``: generate images from a pipeline folder.
 
 Either pipeline: a ``FullVQPipeline`` (GPT: ``--temperature``, ``--top-k``, ``--top-p``,
 ``--guidance-schedule``) or a ``LatentFlowPipeline`` (DiT / flow: ``--num-inference-steps``,
@@ -16,10 +16,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import run
+from . import add_renamed, run
 
-# The pipeline-kind settings, passed on only when given (None: the pipeline's own default).
-_OPTIONS = ("guidance_schedule", "temperature", "top_k", "top_p", "num_inference_steps", "snap_to_codebook")
+# The sampling settings, passed on only when given (None: the pipeline's own default).
+_OPTIONS = ("guidance_scale", "guidance_schedule", "temperature", "top_k", "top_p", "num_inference_steps",
+            "snap_to_codebook")
 
 
 def parse_labels(arguments: list[str]) -> list[int | str]:
@@ -40,8 +41,10 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("pipeline", metavar="PIPELINE_DIR", help="pipeline folder (model_index.json) or hub id")
     parser.add_argument("--labels", nargs="+", required=True, help="class ids or names (see above)")
-    parser.add_argument("--num-per-label", type=int, default=1, help="images per label (default 1)")
-    parser.add_argument("--guidance-scale", type=float, default=4.0, help="classifier-free guidance; 1 = off")
+    add_renamed(parser, "--images-per-class", "--num-per-label", type=int, default=1,
+                help="images per label (default 1)")
+    parser.add_argument("--guidance-scale", type=float, default=None,
+                        help="classifier-free guidance; 1 = off (default: the pipeline's, 2.0 GPT, 4.0 DiT / flow)")
     parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None, help="GPT (default constant)")
     parser.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
     parser.add_argument("--top-k", type=int, default=None, help="GPT: 0 = off (default)")
@@ -53,7 +56,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once (memory bound)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
     parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
-    parser.add_argument("--out", type=Path, required=True, help="output folder")
+    add_renamed(parser, "--output", "--out", type=Path, required=True, help="output folder")
     return parser
 
 
@@ -64,10 +67,10 @@ def _sample(args: argparse.Namespace) -> int:
 
     options = {name: getattr(args, name) for name in _OPTIONS if getattr(args, name) is not None}
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    paths = sample_to_folder(args.pipeline, parse_labels(args.labels), args.out, num_per_label=args.num_per_label,
-                             guidance_scale=args.guidance_scale, seed=args.seed, batch_size=args.batch_size,
+    paths = sample_to_folder(args.pipeline, parse_labels(args.labels), args.output,
+                             num_images_per_label=args.images_per_class, seed=args.seed, batch_size=args.batch_size,
                              device=device, dtype=getattr(torch, args.dtype), **options)
-    print(f"wrote {len(paths)} images ({{class id}}_{{i}}.png) and grid.png to {args.out}")
+    print(f"wrote {len(paths)} images ({{class id}}_{{i}}.png) and grid.png to {args.output}")
     return 0
 
 

@@ -2,11 +2,13 @@
 [0, codebook_size)) and the optional DiT / flow model over quantized latents (``latent_flow``)."""
 
 from .gpt import GPT_SIZES, FullVQGPT, FullVQGPTConfig, FullVQGPTOutput, GridRotaryEmbedding, swiglu_hidden_size
-from .latent_flow import DIT_SIZES, build_transformer, sample_latents
-from .sampling import build_logits_processor, classifier_free_guidance, guidance_scales, sample
+from .latent_flow import DEFAULT_DIT_GUIDANCE_SCALE, DIT_SIZES, build_transformer, sample_latents
+from .sampling import DEFAULT_GUIDANCE_SCALE, build_logits_processor, classifier_free_guidance, guidance_scales, sample
 
 __all__ = [
     "DIT_SIZES",
+    "DEFAULT_DIT_GUIDANCE_SCALE",
+    "DEFAULT_GUIDANCE_SCALE",
     "build_transformer",
     "sample_latents",
     "GPT_SIZES",

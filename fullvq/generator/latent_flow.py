@@ -23,9 +23,13 @@ import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import LabelEmbedding
 
+from .sampling import classifier_free_guidance
+
 OBJECTIVES = ("ddpm", "flow")
 NUM_TRAIN_TIMESTEPS = 1000
 CLASS_DROPOUT = 0.1  # DiT's label dropout for classifier-free guidance
+# The one default guidance scale of DiT / flow sampling (LatentFlowPipeline, `fullvq sample`, gFID, previews).
+DEFAULT_DIT_GUIDANCE_SCALE = 4.0
 
 # DiT-S/B/L/XL: layers, heads, head width (hidden 384 / 768 / 1024 / 1152).
 DIT_SIZES: dict[str, dict[str, int]] = {
@@ -38,7 +42,9 @@ DIT_SIZES: dict[str, dict[str, int]] = {
 
 def build_transformer(*, latent_channels: int, grid_size: int, num_classes: int, size: str | None = None,
                       patch_size: int = 2, **settings) -> DiTTransformer2DModel:
-    """A ``DiTTransformer2DModel`` for (latent_channels, grid_size, grid_size) latents.
+    """A ``DiTTransformer2DModel`` for (latent_channels, grid_size, grid_size) latents. Mind the names:
+    diffusers' DiT calls the latent side ``sample_size``, so its ``config.sample_size`` is ``grid_size``
+    (tokens), not the image side in pixels that ``sample_size`` means for the tokenizer and pipelines.
 
     ``size`` (``S``, ``B``, ``L``, ``XL``) sets depth and width as DiT's configs; ``settings``
     (``num_layers``, ``num_attention_heads``, ``attention_head_dim``, ``dropout``, ...) override it.
@@ -53,6 +59,7 @@ def build_transformer(*, latent_channels: int, grid_size: int, num_classes: int,
         raise ValueError(f"num_classes={num_classes} must be >= 1")
     config = {**DIT_SIZES.get(size or "S"), **settings}
     config.setdefault("norm_num_groups", 32)
+    # diffusers' `sample_size` here is the latent grid side (tokens), not pixels.
     return DiTTransformer2DModel(in_channels=latent_channels, out_channels=latent_channels, sample_size=grid_size,
                                  patch_size=patch_size, num_embeds_ada_norm=num_classes, **config)
 
@@ -124,8 +131,8 @@ def diffusion_loss(transformer, objective: str, latents: torch.Tensor, labels: t
 
 def guided_prediction(transformer, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor,
                       guidance_scale: float) -> torch.Tensor:
-    """The model output with classifier-free guidance: ``uncond + s (cond - uncond)`` from one batched
-    pass over conditional and null labels; ``s = 1`` runs the conditional pass alone."""
+    """The model output with classifier-free guidance (``classifier_free_guidance``, the GPT's formula)
+    from one batched pass over conditional and null labels; ``s = 1`` runs the conditional pass alone."""
     batch = latents.shape[0]
     timesteps = timestep.expand(batch) if timestep.ndim else timestep.repeat(batch)
     if guidance_scale == 1:
@@ -134,12 +141,12 @@ def guided_prediction(transformer, latents: torch.Tensor, timestep: torch.Tensor
     both = transformer(torch.cat([latents, latents]), timestep=torch.cat([timesteps, timesteps]),
                        class_labels=torch.cat([labels, null])).sample
     conditional, unconditional = both.chunk(2)
-    return unconditional + guidance_scale * (conditional - unconditional)
+    return classifier_free_guidance(conditional, unconditional, guidance_scale)
 
 
 @torch.no_grad()
 def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inference_steps: int = 50,
-                   guidance_scale: float = 4.0, generator: torch.Generator | None = None,
+                   guidance_scale: float = DEFAULT_DIT_GUIDANCE_SCALE, generator: torch.Generator | None = None,
                    progress=None) -> torch.Tensor:
     """Normalised latents (B, C, h, w) for class ``labels`` by integrating ``scheduler`` from noise.
 
@@ -172,6 +179,7 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
 
 __all__ = [
     "DIT_SIZES",
+    "DEFAULT_DIT_GUIDANCE_SCALE",
     "OBJECTIVES",
     "build_transformer",
     "diffusion_loss",

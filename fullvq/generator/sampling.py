@@ -7,6 +7,10 @@ import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 GUIDANCE_SCHEDULES = ("constant", "linear")
+# The one default classifier-free guidance scale of GPT sampling (FullVQPipeline, `fullvq sample`,
+# gFID): the setting of the FVQ paper's and LlamaGen's gFID runs. `sample()` itself defaults to 1
+# (no guidance), the plain conditional model.
+DEFAULT_GUIDANCE_SCALE = 2.0
 
 
 def guidance_scales(guidance_scale: float, num_tokens: int, schedule: str = "constant") -> torch.Tensor:

@@ -9,7 +9,7 @@
 
 Everything lands in the output folder: ``pipeline/`` (load with ``FullVQPipeline.from_pretrained``),
 ``samples.png`` (a row per class), ``reconstructions.png``, ``usage.png``, ``demo.json``, and
-the two training runs. Re-running with the same ``--out`` resumes or reuses what is there.
+the two training runs. Re-running with the same ``--output`` resumes or reuses what is there.
 ``--fast`` shrinks every step (a check that runs in about a minute; its figures mean little).
 """
 

@@ -30,7 +30,6 @@ from ..eval.report import report_failures, write_report
 from ..eval.scores import check_set_sizes, generation_metrics, warn_if_other_weights
 from ..images import from_uint8, save_image_grid, save_png
 from ..io import write_text
-from ..pipelines.base import sampling_kwargs
 
 REPORT_NAME = "report.json"
 SAMPLES_DIR = "samples"
@@ -43,11 +42,13 @@ def sample_path(folder: Path, class_id: int, index: int) -> Path:
 
 
 def _check_settings(folder: Path, settings: dict) -> None:
-    """Record the sampling settings beside the samples; refuse to add to samples made otherwise."""
+    """Record the sampling settings beside the samples; refuse to add to samples made otherwise. A
+    setting the file does not hold (written by an older fullvq) counts as unchanged."""
     path = folder / SETTINGS_NAME
     if path.is_file():
         previous = json.loads(path.read_text())
-        changed = {key: (previous.get(key), value) for key, value in settings.items() if previous.get(key) != value}
+        changed = {key: (previous[key], value) for key, value in settings.items()
+                   if key in previous and previous[key] != value}
         if changed:
             listing = ", ".join(f"{key}={old!r} (now {new!r})" for key, (old, new) in changed.items())
             raise ValueError(
@@ -68,17 +69,21 @@ def generate_samples(
     images_per_class: int,
     batch_size: int = 32,
     seed: int = 0,
-    guidance_scale: float = 2.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_inference_steps: int = 50,
-    snap_to_codebook: bool = False,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_inference_steps: int | None = None,
+    snap_to_codebook: bool | None = None,
 ) -> tuple[list[Path], int]:
     """Write the class-balanced sample set (resumable); returns every planned path and how many
     were already there. Every process writes the batches ``b`` with ``b % num_processes == rank``.
-    Only the settings the pipeline takes are passed (see ``sampling_kwargs``)."""
+    Sampling settings left None take the pipeline's defaults (``pipeline.sampling_options``);
+    settings of the other kind of pipeline are refused."""
     state = process_state()
+    options = pipeline.sampling_options(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
+                                        top_p=top_p, num_inference_steps=num_inference_steps,
+                                        snap_to_codebook=snap_to_codebook)
     pipeline.set_progress_bar_config(disable=True)  # one bar over batches instead of one per call
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -88,8 +93,6 @@ def generate_samples(
     batches = [list(range(start, min(start + batch_size, len(plan)))) for start in range(0, len(plan), batch_size)]
     mine = [b for b in range(len(batches)) if b % state.num_processes == state.process_index]
     todo = [b for b in mine if not all(paths[i].is_file() for i in batches[b])]
-    options = sampling_kwargs(pipeline, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                              top_p=top_p, num_inference_steps=num_inference_steps, snap_to_codebook=snap_to_codebook)
     bar = tqdm(total=len(todo), desc="generate", unit="batch", disable=not state.is_main_process)
     for b in todo:
         members = batches[b]
@@ -121,6 +124,7 @@ def _save_sample_grid(paths: list[Path], classes: list[int], images_per_class: i
     return path
 
 
+# Over 80 lines only through its 26-parameter signature and docstring; the body is named steps.
 @torch.no_grad()
 def evaluate_generation(
     pipeline,
@@ -131,12 +135,12 @@ def evaluate_generation(
     classes: list[int] | None = None,
     batch_size: int = 32,
     seed: int = 0,
-    guidance_scale: float = 2.0,
-    temperature: float = 1.0,
-    top_k: int = 0,
-    top_p: float = 1.0,
-    num_inference_steps: int = 50,
-    snap_to_codebook: bool = False,
+    guidance_scale: float | None = None,
+    temperature: float | None = None,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    num_inference_steps: int | None = None,
+    snap_to_codebook: bool | None = None,
     reference_split: str = "train",
     reference_resolution: int | None = None,
     reference_limit: int | None = None,
@@ -159,7 +163,8 @@ def evaluate_generation(
         images_per_class, classes: N images for each class id (default: every class of the GPT).
         batch_size, seed, guidance_scale: sampling; recorded with the samples, as are the settings of
             the pipeline's kind: temperature, top_k, top_p (GPT) or num_inference_steps,
-            snap_to_codebook (DiT / flow).
+            snap_to_codebook (DiT / flow). None takes the pipeline's default (guidance 2.0 for a GPT,
+            ``DEFAULT_GUIDANCE_SCALE``; 4.0 for a DiT).
         reference_split, reference_resolution, reference_limit: how the reference images are read
             (datasets are centre-cropped to ``reference_resolution``, default the pipeline's size).
         inception_weights, cache_dir, use_cache: Inception weights file and the statistics cache.
@@ -168,8 +173,6 @@ def evaluate_generation(
     Returns:
         The report; ``"complete"`` is True only when every planned sample exists and was evaluated.
     """
-    from ..pipelines import load_pipeline
-
     state = process_state()
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
@@ -179,51 +182,35 @@ def evaluate_generation(
               "reference": str(reference)}
     if state.is_main_process:
         write_report(report_path, report)
+    metric_settings = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
+                       "prc_neighborhood": prc_neighborhood, "isc_splits": isc_splits}
     with report_failures(report_path, report, state.is_main_process):
         if images_per_class < 1:
             raise ValueError(f"images_per_class={images_per_class} must be at least 1")
         extractor = InceptionExtractor(inception_weights, state.device)
-        if isinstance(pipeline, (str, os.PathLike)):
-            pipeline = load_pipeline(pipeline)
-        pipeline = pipeline.to(state.device)
-        num_classes = int(pipeline.num_classes)
-        classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
-        bad = [c for c in classes if not 0 <= c < num_classes]
-        if bad or not classes:
-            raise ValueError(f"classes {bad or classes} are not ids in [0, {num_classes}) of this pipeline")
+        pipeline, classes = _load_pipeline(pipeline, classes, state.device)
         total = len(classes) * images_per_class
         check_set_sizes(total, None, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood)
         if extractor.has_logits and total < isc_splits:
             raise ValueError(f"IS with isc_splits={isc_splits} needs at least {isc_splits} images, got {total}")
         resolution = int(pipeline.config.sample_size)
-
-        # The reference first: its errors (and its cost, once) come before hours of sampling. Datasets are
-        # centre-cropped to the samples' size unless told otherwise; folders and .npz are taken as they are.
-        if reference_resolution is None and reference_kind(reference) == "dataset":
-            reference_resolution = resolution
-        reference_stats = load_reference(
-            reference, extractor, resolution=reference_resolution, split=reference_split, limit=reference_limit,
-            cache_dir=cache_dir, use_cache=use_cache, batch_size=inception_batch_size, num_workers=num_workers,
-        )
-        reference_count = None if reference_stats.features is None else len(reference_stats.features)
-        check_set_sizes(total, reference_count, kid_subset_size=kid_subset_size if reference_count else None,
-                        prc_neighborhood=prc_neighborhood if reference_count else None)
+        reference_stats = _reference_for(
+            reference, extractor, total, metric_settings, resolution=reference_resolution, sample_size=resolution,
+            split=reference_split, limit=reference_limit, cache_dir=cache_dir, use_cache=use_cache,
+            batch_size=inception_batch_size, num_workers=num_workers)
 
         samples = output_dir / SAMPLES_DIR
         # Seeds go by batch, so the plan (classes, N, batch size) must match too for resumed samples to be
         # the ones this run would have drawn.
-        options = sampling_kwargs(pipeline, guidance_scale=guidance_scale, temperature=temperature, top_k=top_k,
-                                  top_p=top_p, num_inference_steps=num_inference_steps,
-                                  snap_to_codebook=snap_to_codebook)
+        sampling = dict(guidance_scale=guidance_scale, temperature=temperature, top_k=top_k, top_p=top_p,
+                        num_inference_steps=num_inference_steps, snap_to_codebook=snap_to_codebook)
         settings = {"classes": classes, "images_per_class": images_per_class, "batch_size": batch_size, "seed": seed,
-                    **options}
+                    **pipeline.sampling_options(**sampling)}
         if state.is_main_process:
             _check_settings(samples, settings)
         state.wait_for_everyone()
         paths, kept = generate_samples(pipeline, samples, classes=classes, images_per_class=images_per_class,
-                                       batch_size=batch_size, seed=seed, guidance_scale=guidance_scale,
-                                       temperature=temperature, top_k=top_k, top_p=top_p,
-                                       num_inference_steps=num_inference_steps, snap_to_codebook=snap_to_codebook)
+                                       batch_size=batch_size, seed=seed, **sampling)
         missing = [path for path in paths if not path.is_file()]
         if missing:
             raise RuntimeError(f"{len(missing)} of {len(paths)} samples were not written (first: {missing[0]})")
@@ -233,10 +220,7 @@ def evaluate_generation(
                                             desc="generated")
         if not state.is_main_process:
             return report
-        metrics, unavailable = generation_metrics(
-            features, logits, reference_stats, kid_subset_size=kid_subset_size, kid_subsets=kid_subsets,
-            prc_neighborhood=prc_neighborhood, isc_splits=isc_splits,
-        )
+        metrics, unavailable = generation_metrics(features, logits, reference_stats, **metric_settings)
         note = warn_if_other_weights(reference_stats, extractor.weights_info)
         grid_path = _save_sample_grid(paths, classes, images_per_class, output_dir / GRID_NAME)
         report.update(
@@ -245,9 +229,7 @@ def evaluate_generation(
             samples_kept=kept, samples_generated=total - kept, resolution=resolution, sampling=settings,
             reference_info={**reference_stats.info, "num_images": reference_stats.num_images},
             inception_weights=extractor.weights_info, num_processes=state.num_processes,
-            settings={"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
-                      "prc_neighborhood": prc_neighborhood, "isc_splits": isc_splits},
-            seconds=round(time.time() - started, 2),
+            settings=metric_settings, seconds=round(time.time() - started, 2),
             files={"report": str(report_path), "samples": str(samples), "grid": str(grid_path)},
         )
         if note:
@@ -255,6 +237,37 @@ def evaluate_generation(
         write_report(report_path, report)
         return report
 
+
+def _load_pipeline(pipeline, classes: list[int] | None, device) -> tuple:
+    """The pipeline (loaded from its folder when given one) on ``device``, and the checked class ids
+    (default: all of them)."""
+    from ..pipelines import load_pipeline
+
+    if isinstance(pipeline, (str, os.PathLike)):
+        pipeline = load_pipeline(pipeline)
+    pipeline = pipeline.to(device)
+    num_classes = int(pipeline.num_classes)
+    classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
+    bad = [c for c in classes if not 0 <= c < num_classes]
+    if bad or not classes:
+        raise ValueError(f"classes {bad or classes} are not ids in [0, {num_classes}) of this pipeline")
+    return pipeline, classes
+
+
+def _reference_for(reference, extractor: InceptionExtractor, total: int, metric_settings: dict, *,
+                   resolution: int | None, sample_size: int, split: str, limit: int | None, cache_dir,
+                   use_cache: bool, batch_size: int, num_workers: int) -> ReferenceStatistics:
+    """The reference statistics, first: their errors (and their cost, once) come before hours of
+    sampling. Datasets are centre-cropped to ``resolution``, by default the samples' ``sample_size``;
+    folders and .npz are taken as they are unless a resolution is given."""
+    if resolution is None and reference_kind(reference) == "dataset":
+        resolution = sample_size
+    stats = load_reference(reference, extractor, resolution=resolution, split=split, limit=limit,
+                           cache_dir=cache_dir, use_cache=use_cache, batch_size=batch_size, num_workers=num_workers)
+    count = None if stats.features is None else len(stats.features)
+    check_set_sizes(total, count, kid_subset_size=metric_settings["kid_subset_size"] if count else None,
+                    prc_neighborhood=metric_settings["prc_neighborhood"] if count else None)
+    return stats
 
 
 def save_reference_statistics(reference, output: str | os.PathLike, *, resolution: int | None = None,

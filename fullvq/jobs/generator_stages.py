@@ -23,7 +23,7 @@ from ..generator.latent_flow import (
     sampling_scheduler,
     training_scheduler,
 )
-from ..generator.sampling import sample
+from ..generator.sampling import DEFAULT_GUIDANCE_SCALE, sample
 from ..images import from_unit_range, save_image_grid
 from ..pipelines.autoregressive import FullVQPipeline
 from ..pipelines.latent_flow import LatentFlowPipeline
@@ -77,7 +77,9 @@ class GPTStage(TrainingStage):
             return
         model = self.trainer.accelerator.unwrap_model(self.models["model"])
         generator = torch.Generator().manual_seed(self.trainer.config.seed)
-        tokens = sample(model, self.sample_labels, guidance_scale=self.config.sample_guidance_scale,
+        guidance_scale = self.config.sample_guidance_scale
+        tokens = sample(model, self.sample_labels,
+                        guidance_scale=DEFAULT_GUIDANCE_SCALE if guidance_scale is None else guidance_scale,
                         temperature=self.config.sample_temperature, generator=generator)
         tokenizer = self.tokenizer.to(model.device)
         images = tokenizer.decode_indices(tokens.view(len(tokens), *model.config.grid_size))
@@ -165,8 +167,9 @@ class LatentFlowStage(TrainingStage):
         was_training = model.training
         pipe = self.pipeline(model.eval())
         self.tokenizer.to(model.device)
-        images = pipe(self.sample_labels, guidance_scale=self.config.sample_guidance_scale,
-                      num_inference_steps=self.config.sample_num_inference_steps, output_type="pt",
+        options = pipe.sampling_options(guidance_scale=self.config.sample_guidance_scale,
+                                        num_inference_steps=self.config.sample_num_inference_steps)
+        images = pipe(self.sample_labels, **options, output_type="pt",
                       generator=torch.Generator().manual_seed(self.trainer.config.seed)).images
         self.tokenizer.to("cpu")
         model.train(was_training)

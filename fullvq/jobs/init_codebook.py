@@ -22,7 +22,7 @@ import torch
 
 from ..io import atomic_file, write_text
 from ..tokenizer.kmeans import KMeansResult, kmeans
-from ..tokenizer.patch_features import PatchFeatureExtractor, extract_features, iter_features, tokens_per_image
+from ..tokenizer.patch_features import PatchFeatureExtractor, extract_patch_features, iter_features, tokens_per_image
 
 TOO_FEW = "; lower --num-codes, add images, or lower --pool-factor / raise --features-per-image"
 
@@ -105,7 +105,7 @@ class _Run:
     max_images: int | None
     seed: int
     progress: bool
-    extract: dict  # iter_features / extract_features settings
+    extract: dict  # iter_features / extract_patch_features settings
     cluster: dict  # kmeans settings
     skipped: list[int] = field(default_factory=list)  # positions of unreadable images
     generator: torch.Generator = None
@@ -141,10 +141,10 @@ def _check_request(out: Path, overwrite: bool, **counts) -> None:
     for name, value in counts.items():
         _check_positive(name, value, allow_none=name in ("features_per_image", "max_images"))
     if out.suffix != ".safetensors":
-        raise ValueError(f"--out {str(out)!r} must end in .safetensors (the lc quantizer reads that format)")
+        raise ValueError(f"--output {str(out)!r} must end in .safetensors (the lc quantizer reads that format)")
     if out.exists() and not overwrite:
         raise FileExistsError(
-            f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it or choose another --out")
+            f"{str(out)!r} already exists; pass --overwrite (overwrite=True) to replace it or choose another --output")
 
 
 def _global_codebook(run: _Run, num_codes: int, feature_cache) -> _Clustered:
@@ -153,7 +153,7 @@ def _global_codebook(run: _Run, num_codes: int, feature_cache) -> _Clustered:
     if num_codes > len(indices) * run.per_image:  # checked before the slow part
         raise ValueError(f"num_codes={num_codes} is larger than the {len(indices) * run.per_image} features "
                          f"that {len(indices)} images give ({run.per_image} each){TOO_FEW}")
-    features = extract_features(run.extractor, run.dataset, indices, cache_path=feature_cache, **run.extract)
+    features = extract_patch_features(run.extractor, run.dataset, indices, cache_path=feature_cache, **run.extract)
     if num_codes > len(features):
         raise ValueError(f"num_codes={num_codes} is larger than the {len(features)} features of the "
                          f"{len(indices) - len(run.skipped)} readable images{TOO_FEW}")

@@ -20,42 +20,38 @@ def sample_to_folder(
     labels: list[int | str],
     output: str | os.PathLike,
     *,
-    num_per_label: int = 1,
-    guidance_scale: float = 4.0,
+    num_images_per_label: int = 1,
     seed: int = 0,
     batch_size: int = 32,
     device: str = "cpu",
     dtype: torch.dtype = torch.float32,
     **options,
 ) -> list[Path]:
-    """Sample ``num_per_label`` images for each label (ids or class names) from the pipeline folder
-    or hub id ``pipeline``; writes ``{class id}_{i}.png`` and ``grid.png`` (a row per label) into
-    ``output`` and returns the image paths. ``options`` are the pipeline kind's own settings."""
+    """Sample ``num_images_per_label`` images for each label (ids or class names) from the pipeline
+    folder or hub id ``pipeline``; writes ``{class id}_{i}.png`` and ``grid.png`` (a row per label)
+    into ``output`` and returns the image paths. ``options`` are sampling settings
+    (``guidance_scale`` and the pipeline kind's own, see ``sampling_options``); None or absent ones
+    take the pipeline's defaults, those of the other kind of pipeline are refused before sampling."""
     from torchvision.utils import save_image
 
     from ..pipelines import load_pipeline
-    from ..pipelines.base import sampling_kwargs
 
     pipe = load_pipeline(pipeline, dtype=dtype).to(device)
-    accepted = sampling_kwargs(pipe, **options)
-    foreign = [name for name in options if name not in accepted]
-    if foreign:
-        flags = ", ".join("--" + name.replace("_", "-") for name in foreign)
-        raise ValueError(f"{flags} do not apply to a {type(pipe).__name__}; drop them")
+    options = pipe.sampling_options(**options)
     ids = pipe.get_label_ids(labels)
-    images = pipe(ids, num_images_per_label=num_per_label, guidance_scale=guidance_scale, **options,
+    images = pipe(ids, num_images_per_label=num_images_per_label, **options,
                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size, output_type="pt").images
 
     output = Path(output)
     output.mkdir(parents=True, exist_ok=True)
     written: dict[int, int] = {}  # class id -> images written, so a repeated label does not overwrite
     paths = []
-    for label, image in zip((i for i in ids for _ in range(num_per_label)), images):
+    for label, image in zip((i for i in ids for _ in range(num_images_per_label)), images):
         index = written.get(label, 0)
         paths.append(output / f"{label}_{index}.png")
         save_image(image, paths[-1])
         written[label] = index + 1
-    save_image_grid(list(from_unit_range(images).split(num_per_label)), output / "grid.png")
+    save_image_grid(list(from_unit_range(images).split(num_images_per_label)), output / "grid.png")
     return paths
 
 

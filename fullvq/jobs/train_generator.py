@@ -30,7 +30,7 @@ _DIT_FROM_CACHE = ("in_channels", "out_channels", "sample_size", "num_embeds_ada
 
 
 @dataclass
-class GPTTrainConfig(TrainConfig):
+class GeneratorTrainSettings(TrainConfig):
     """``TrainConfig`` with LlamaGen's class-to-image defaults: AdamW (0.9, 0.95), weight decay 0.05 on
     matrices and embeddings, lr 1e-4 at global batch 256, constant after an optional warm-up, clip 1.0."""
 
@@ -41,15 +41,18 @@ class GPTTrainConfig(TrainConfig):
     weight_decay: float = 0.05
 
 
+GPTTrainConfig = GeneratorTrainSettings  # its name before 0.2 (it serves every head), for one release
+
+
 @dataclass
 class GeneratorTrainConfig:
     head: Literal["gpt", "dit", "flow"] = "gpt"  # gpt: token ids; dit (DDPM) / flow (flow matching): latents
     tokens: str | None = None  # token cache folder (fullvq cache-tokens)
     tokenizer: str | None = None  # default: the folder recorded in the cache; its sha256 must match
     model: dict = field(default_factory=dict)  # FullVQGPTConfig arguments; `size` picks a LlamaGen size
-    train: GPTTrainConfig = field(default_factory=lambda: GPTTrainConfig(max_steps=1000))
+    train: GeneratorTrainSettings = field(default_factory=lambda: GeneratorTrainSettings(max_steps=1000))
     num_samples: int = 8  # images in each sample grid, classes spread over the cache's labels
-    sample_guidance_scale: float = 4.0
+    sample_guidance_scale: float | None = None  # default: the head's (2.0 GPT, 4.0 DiT)
     sample_temperature: float = 1.0  # gpt
     sample_num_inference_steps: int = 50  # dit / flow
 
@@ -58,7 +61,7 @@ class GeneratorTrainConfig:
             raise ConfigError("set tokens: the token cache folder written by fullvq cache-tokens")
         if not (Path(self.tokens) / CACHE_FILE).is_file():
             raise ConfigError(f"tokens={self.tokens!r} is not a token cache (no {CACHE_FILE}); make one with "
-                              "fullvq cache-tokens --tokenizer <tokenizer run>/model --source ... --output "
+                              "fullvq cache-tokens --tokenizer <tokenizer run>/model --data ... --output "
                               f"{self.tokens}")
         if self.head not in HEADS:
             raise ConfigError(f"head={self.head!r} is not one of {list(HEADS)}")
@@ -207,6 +210,7 @@ def train_generator(config: GeneratorTrainConfig) -> dict:
 __all__ = [
     "HEADS",
     "AugmentedTokens",
+    "GeneratorTrainSettings",
     "GPTTrainConfig",
     "GeneratorTrainConfig",
     "build_gpt_config",

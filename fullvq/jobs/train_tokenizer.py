@@ -7,6 +7,7 @@ codebook. See ``configs/tokenizer/``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,7 +24,7 @@ from .loop import TrainConfig, Trainer, TrainingStage
 @dataclass
 class DataConfig:
     source: str = "demo"  # an image folder, a dataset name on the hub, or "demo" (MNIST, offline)
-    resolution: int = 256
+    resolution: int | None = None  # image side in pixels; default (and must equal) model.sample_size
     split: str = "train"
     streaming: bool = False
     image_column: str | None = None
@@ -53,6 +54,23 @@ class TokenizerTrainConfig:
             raise ConfigError(f"codebook_path={self.codebook_path!r} does not exist; make it with fullvq init-codebook")
         if self.model.get("quantizer") == "lc" and self.codebook_path is None and not self.train.resume:
             raise ConfigError("quantizer=lc needs codebook_path (k-means centres from fullvq init-codebook)")
+        self._match_resolution()
+
+    def _match_resolution(self) -> None:
+        """One number, two names: the training images' side (``data.resolution``) is the tokenizer's
+        ``model.sample_size``, which token caches and pipelines later trust. Either derives the other."""
+        sample_size = self.model.get("sample_size")
+        if self.data.resolution is None:
+            default = inspect.signature(FVQModel.__init__).parameters["sample_size"].default
+            self.data.resolution = default if sample_size is None else sample_size
+        elif sample_size is None:
+            self.model["sample_size"] = self.data.resolution
+        elif sample_size != self.data.resolution:
+            raise ConfigError(
+                f"data.resolution={self.data.resolution} differs from model.sample_size={sample_size}; they are the "
+                "same number (the image side the tokenizer is trained and used at): set them equal, or give one "
+                "and the other follows"
+            )
 
 
 class TokenizerStage(TrainingStage):

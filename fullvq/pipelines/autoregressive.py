@@ -14,10 +14,10 @@ import torch
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 
 from fullvq.generator.gpt import FullVQGPT
-from fullvq.generator.sampling import sample
+from fullvq.generator.sampling import DEFAULT_GUIDANCE_SCALE, sample
 from fullvq.tokenizer.modeling import FVQModel
 
-from .base import ClassConditionalPipeline, check_image_size, check_single_codebook
+from .base import ClassConditionalPipeline, check_sample_size, check_single_codebook
 
 
 class FullVQPipeline(ClassConditionalPipeline):
@@ -35,6 +35,7 @@ class FullVQPipeline(ClassConditionalPipeline):
 
     model_cpu_offload_seq = "gpt->tokenizer"
     _component_folders = ("tokenizer", "gpt")
+    sampling_settings = ("guidance_schedule", "temperature", "top_k", "top_p")
 
     def __init__(
         self,
@@ -45,10 +46,10 @@ class FullVQPipeline(ClassConditionalPipeline):
     ):
         super().__init__()
         _check_components(tokenizer, gpt)
-        image_size = check_image_size(tokenizer, sample_size)
+        sample_size = check_sample_size(tokenizer, sample_size)
         self.register_modules(tokenizer=tokenizer, gpt=gpt)
         # Plain settings persist in model_index.json only through the config (JSON keys become strings).
-        self.register_to_config(id2label=self._set_labels(id2label), sample_size=image_size)
+        self.register_to_config(id2label=self._set_labels(id2label), sample_size=sample_size)
 
     @property
     def num_classes(self) -> int:
@@ -59,7 +60,7 @@ class FullVQPipeline(ClassConditionalPipeline):
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
         num_images_per_label: int = 1,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = DEFAULT_GUIDANCE_SCALE,
         guidance_schedule: str = "constant",
         temperature: float = 1.0,
         top_k: int = 0,
@@ -75,7 +76,8 @@ class FullVQPipeline(ClassConditionalPipeline):
             class_labels: class ids, names (see :meth:`get_label_ids`) or a mix.
             num_images_per_label: images per label; images come label by label, in the order given.
             guidance_scale: classifier-free guidance scale; 1 turns guidance off (half the compute).
-                Default 4.0, as LlamaGen's class-to-image sample script; its FID runs use 1.5 - 2.
+                Default ``DEFAULT_GUIDANCE_SCALE`` (2.0, the FVQ paper's and LlamaGen's gFID setting;
+                LlamaGen's sample script shows pictures at 4.0).
             guidance_schedule: ``"constant"`` or ``"linear"`` (a ramp from 1 to ``guidance_scale``).
             temperature, top_k, top_p: token sampling (temperature 0 = greedy; top_k 0 and top_p 1 = off).
             generator: a ``torch.Generator`` for reproducible images (one generator for the whole call).

@@ -8,6 +8,7 @@ turning decoded images into PIL / numpy / torch outputs live here once.
 from __future__ import annotations
 
 import difflib
+import inspect
 import os
 from collections.abc import Sequence
 
@@ -34,6 +35,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
     define ``num_classes``; ``_component_folders`` names the folders a hub download needs."""
 
     _component_folders: tuple[str, ...] = ()
+    # The settings of this kind of pipeline's sampling, beside guidance_scale (their defaults are
+    # those of __call__): what `fullvq sample` and gFID pass on, and refuse for the other kind.
+    sampling_settings: tuple[str, ...] = ()
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -115,6 +119,21 @@ class ClassConditionalPipeline(DiffusionPipeline):
             raise ValueError(f"class name {name!r} is ambiguous: it names classes {listing}; pass the integer id")
         return ids[0]
 
+    def sampling_options(self, **given) -> dict:
+        """Every sampling setting of this pipeline (``guidance_scale`` and ``sampling_settings``): the
+        ``given`` values that are not None, the defaults of ``__call__`` for the rest.
+
+        Raises ``ValueError`` naming the given settings that belong to another kind of pipeline.
+        """
+        names = ("guidance_scale", *self.sampling_settings)
+        foreign = [name for name, value in given.items() if value is not None and name not in names]
+        if foreign:
+            raise ValueError(f"{', '.join(foreign)} {'does' if len(foreign) == 1 else 'do'} not apply to a "
+                             f"{type(self).__name__} (it samples with {', '.join(names)}); drop "
+                             f"{'it' if len(foreign) == 1 else 'them'}")
+        defaults = inspect.signature(type(self).__call__).parameters
+        return {name: given[name] if given.get(name) is not None else defaults[name].default for name in names}
+
     def _check_call(self, class_labels, num_images_per_label: int, batch_size: int, output_type: str,
                     generator) -> list[list[int]]:
         """Validate the arguments both pipelines share; returns the label ids in batches."""
@@ -142,24 +161,15 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return ImagePipelineOutput(images=images)
 
 
-def sampling_kwargs(pipeline, **options) -> dict:
-    """The sampling settings this pipeline's call takes: guidance / temperature / top-k / top-p for
-    a ``FullVQPipeline``, guidance / steps / snapping for a ``LatentFlowPipeline``."""
-    import inspect
-
-    accepted = inspect.signature(pipeline.__call__).parameters
-    return {key: value for key, value in options.items() if key in accepted}
-
-
-def check_image_size(tokenizer, sample_size: int | None) -> int:
-    """The tokenizer's image side; a given ``sample_size`` must equal it."""
-    image_size = int(tokenizer.config.sample_size)
-    if sample_size is not None and int(sample_size) != image_size:
+def check_sample_size(tokenizer, sample_size: int | None) -> int:
+    """The tokenizer's image side in pixels; a given ``sample_size`` must equal it."""
+    tokenizer_size = int(tokenizer.config.sample_size)
+    if sample_size is not None and int(sample_size) != tokenizer_size:
         raise ValueError(
-            f"sample_size={sample_size} does not match the tokenizer's sample_size={image_size}; "
+            f"sample_size={sample_size} does not match the tokenizer's sample_size={tokenizer_size}; "
             "omit sample_size to take it from the tokenizer"
         )
-    return image_size
+    return tokenizer_size
 
 
 def check_single_codebook(tokenizer, head: str) -> None:

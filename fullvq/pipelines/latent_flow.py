@@ -15,10 +15,10 @@ from diffusers import DiTTransformer2DModel
 from diffusers.pipelines.pipeline_utils import ImagePipelineOutput
 from diffusers.schedulers.scheduling_utils import SchedulerMixin
 
-from fullvq.generator.latent_flow import sample_latents
+from fullvq.generator.latent_flow import DEFAULT_DIT_GUIDANCE_SCALE, sample_latents
 from fullvq.tokenizer.modeling import FVQModel
 
-from .base import ClassConditionalPipeline, check_image_size, check_single_codebook
+from .base import ClassConditionalPipeline, check_sample_size, check_single_codebook
 
 
 class LatentFlowPipeline(ClassConditionalPipeline):
@@ -39,6 +39,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
 
     model_cpu_offload_seq = "transformer->tokenizer"
     _component_folders = ("tokenizer", "transformer", "scheduler")
+    sampling_settings = ("num_inference_steps", "snap_to_codebook")
 
     def __init__(
         self,
@@ -52,7 +53,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
     ):
         super().__init__()
         check_single_codebook(tokenizer, "LatentFlowPipeline")
-        image_size = check_image_size(tokenizer, sample_size)
+        sample_size = check_sample_size(tokenizer, sample_size)
         channels = int(tokenizer.config.codebook_dim)
         grid = tuple(tokenizer.latent_grid())
         config = transformer.config
@@ -63,7 +64,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
             )
         if grid != (config.sample_size, config.sample_size):
             raise ValueError(
-                f"the tokenizer's latent grid {grid} (sample_size={image_size}) differs from the transformer's "
+                f"the tokenizer's latent grid {grid} (sample_size={sample_size}) differs from the transformer's "
                 f"{config.sample_size} x {config.sample_size}; build the transformer with sample_size={grid[0]}"
             )
         mean = [0.0] * channels if latent_mean is None else [float(v) for v in latent_mean]
@@ -73,7 +74,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
                              f"positive std; got {len(mean)} and {len(std)} values")
         self.register_modules(tokenizer=tokenizer, transformer=transformer, scheduler=scheduler)
         self.register_to_config(id2label=self._set_labels(id2label), latent_mean=mean, latent_std=std,
-                                sample_size=image_size)
+                                sample_size=sample_size)
 
     @property
     def num_classes(self) -> int:
@@ -91,7 +92,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
         self,
         class_labels: int | str | Sequence[int | str] | torch.Tensor,
         num_images_per_label: int = 1,
-        guidance_scale: float = 4.0,
+        guidance_scale: float = DEFAULT_DIT_GUIDANCE_SCALE,
         num_inference_steps: int = 50,
         snap_to_codebook: bool = False,
         generator: torch.Generator | None = None,
@@ -105,6 +106,7 @@ class LatentFlowPipeline(ClassConditionalPipeline):
             class_labels: class ids, names (see :meth:`get_label_ids`) or a mix.
             num_images_per_label: images per label; images come label by label, in the order given.
             guidance_scale: classifier-free guidance scale; 1 turns guidance off (half the compute).
+                Default ``DEFAULT_DIT_GUIDANCE_SCALE`` (4.0).
             num_inference_steps: scheduler steps from noise to latents.
             snap_to_codebook: replace each generated latent cell by its nearest code before decoding,
                 so the decoder sees only codes (as a GPT's tokens would give).

@@ -257,7 +257,7 @@ def iter_features(
             yield positions, features
 
 
-def extract_features(
+def extract_patch_features(
     extractor: PatchFeatureExtractor,
     dataset: torch.utils.data.Dataset,
     indices: Sequence[int] | None = None,
@@ -304,5 +304,5 @@ __all__ = [
     "pool_patches",
     "tokens_per_image",
     "iter_features",
-    "extract_features",
+    "extract_patch_features",
 ]

@@ -1,6 +1,6 @@
 """Released LlamaGen / FVQ / VQGAN-LC checkpoints -> fullvq ``save_pretrained`` folders.
 
-``fullvq convert --from llamagen-vq|llamagen-gpt|fvq|vqgan-lc CHECKPOINT --out DIR``
+``fullvq convert --from llamagen-vq|llamagen-gpt|fvq|vqgan-lc CHECKPOINT --output DIR``
 
 Every tensor of the original state dict is either mapped, by name and checked by shape, onto a
 fullvq weight or dropped by name because inference does not use it (discriminator, LPIPS, usage

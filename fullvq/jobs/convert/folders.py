@@ -27,7 +27,7 @@ CONVERTERS = {
     "vqgan-lc": convert_vqgan_lc,
     "llamagen-gpt": convert_llamagen_gpt,
 }
-_EXISTS_HINT = "choose another --out or pass --overwrite to replace it"
+_EXISTS_HINT = "choose another --output or pass --overwrite to replace it"
 
 
 def imagenet_id2label() -> dict[int, str] | None:
