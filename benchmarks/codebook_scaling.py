@@ -71,7 +71,7 @@ def _photos() -> list[tuple[str, np.ndarray]]:
               ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")]
     photos.append(("motorcycle", sk.stereo_motorcycle()[0]))
     sample = load_sample_images()
-    photos += [(Path(name).stem, image) for name, image in zip(sample.filenames, sample.images)]
+    photos += [(Path(name).stem, image) for name, image in zip(sample.filenames, sample.images, strict=True)]
     return [(name, np.ascontiguousarray(image[..., :3])) for name, image in photos]
 
 
@@ -101,7 +101,7 @@ def _write_digits(folder: Path, resolution: int, limit: int | None = None) -> No
     from fullvq.data import _mnist_digits
 
     images, labels = _mnist_digits()
-    for index, (digit, label) in enumerate(zip(images[:limit], labels[:limit].tolist())):
+    for index, (digit, label) in enumerate(zip(images[:limit], labels[:limit].tolist(), strict=True)):
         split = "validation" if index % 10 == 0 else "train"
         target = folder / split / str(label)
         target.mkdir(parents=True, exist_ok=True)
@@ -257,7 +257,8 @@ def evaluate(spec: RunSpec, model) -> dict:
         "usage_all_percent": 100 * int((all_counts > 0).sum()) / spec.codebook_size,
         "perplexity_all": float(entropy.exp()), "tokens_all": all_tokens,
         "uniform_ceiling_all_percent": ceiling(all_tokens),
-        "psnr_db": float(psnrs.double().mean()), "held_out_images": len(psnrs), "rfid": rfid, "fid_images": len(fake_features),
+        "psnr_db": float(psnrs.double().mean()), "held_out_images": len(psnrs), "rfid": rfid,
+        "fid_images": len(fake_features),
     }
 
 
@@ -265,9 +266,9 @@ def run_one(spec: RunSpec) -> dict:
     """Train (or resume) one tokenizer and evaluate it; the row is cached in ``<run>/result.json``."""
     torch.set_num_threads(spec.threads)
     from fullvq.config import build_dataclass
-    from fullvq.tokenizer.modeling import FVQModel
     from fullvq.jobs.loop import latest_checkpoint
     from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+    from fullvq.tokenizer.modeling import FVQModel
 
     suffix = ""
     if spec.quantizer.startswith("fvq"):
@@ -384,7 +385,7 @@ def plot(rows: list[dict], path: Path) -> None:
                 points = sorted((r["codebook_size"], r[key]) for r in rows
                                 if r["dataset"] == dataset and r["quantizer"] == quantizer)
                 if points:
-                    ax.plot(*zip(*points), marker="o", label=quantizer)
+                    ax.plot(*zip(*points, strict=True), marker="o", label=quantizer)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("codebook size K")
             ax.set_title(f"{dataset}: {label}")
@@ -413,7 +414,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--codebook-dim", type=int, default=32, help="D (vq-l2-lowdim uses 8)")
     parser.add_argument("--photo-images", nargs=2, type=int, default=[4500, 1000], metavar=("TRAIN", "HELD_OUT"))
     parser.add_argument("--digits-limit", type=int, default=None, help="use only the first N digits (quick checks)")
-    parser.add_argument("--fid-images", type=int, default=100, help="held-out images in each rFID (the same for every run)")
+    parser.add_argument("--fid-images", type=int, default=100,
+                        help="held-out images in each rFID (the same for every run)")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")

@@ -188,7 +188,8 @@ def main() -> None:
     results = {"tokens": args.tokens, "dim": args.dim, "device": args.device, "device_name": device_name,
                "threads": torch.get_num_threads(), "families": args.families, "rows": [], "gemm_seconds": {}}
     for num_codes in args.sizes:
-        results["gemm_seconds"][str(num_codes)] = measure_gemm(num_codes, args.tokens, args.dim, args.device, args.repeats)
+        gemm = measure_gemm(num_codes, args.tokens, args.dim, args.device, args.repeats)
+        results["gemm_seconds"][str(num_codes)] = gemm
         for family in args.families:
             row = run_isolated(family, num_codes, args.tokens, args.dim, args.device, args.repeats)
             results["rows"].append(row)

@@ -17,7 +17,6 @@ import argparse
 import json
 import multiprocessing as mp
 import platform
-import resource
 import sys
 import tempfile
 import time
@@ -92,7 +91,8 @@ def measure(case: str, batch_size: int, device: str, mixed_precision: str, repea
     seconds = min(times)
     return {"case": case, "batch_size": batch_size, "mixed_precision": mixed_precision,
             "seconds_per_step": seconds, "images_per_second": batch_size / seconds,
-            "peak_memory_gb": peak / 1e9, "memory_kind": "allocated" if acc.device.type == "cuda" else "rss above start"}
+            "peak_memory_gb": peak / 1e9,
+            "memory_kind": "allocated" if acc.device.type == "cuda" else "rss above start"}
 
 
 def _worker(queue, args):
@@ -138,7 +138,8 @@ def main() -> None:
             lines.append(f"| {row['case']} | | | {row['error']} | | |")
         else:
             lines.append(f"| {row['case']} | {row['batch_size']} | {row['mixed_precision']} | "
-                         f"{row['seconds_per_step']:.2f} | {row['images_per_second']:.2f} | {row['peak_memory_gb']:.2f} |")
+                         f"{row['seconds_per_step']:.2f} | {row['images_per_second']:.2f} | "
+                         f"{row['peak_memory_gb']:.2f} |")
     args.out.with_suffix(".md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

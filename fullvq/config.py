@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from .io import write_text
+
 T = TypeVar("T")
 
 
@@ -103,7 +105,8 @@ def check_kwargs(where: str, values: dict, target) -> dict:
     checked = {}
     for key, value in (values or {}).items():
         if key not in params:
-            raise ConfigError(f"unknown config key '{where}.{key}'{_suggest(key, params)}; known keys: {', '.join(params)}")
+            raise ConfigError(f"unknown config key '{where}.{key}'{_suggest(key, params)}; "
+                              f"known keys: {', '.join(params)}")
         checked[key] = _check_value(f"{where}.{key}", value, hints.get(key, Any))
     return checked
 
@@ -163,4 +166,5 @@ def to_dict(config) -> dict:
 
 
 def dump_config(config, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(to_dict(config), sort_keys=False))
+    """Write ``config`` (a dataclass recipe) as YAML, atomically."""
+    write_text(path, yaml.safe_dump(to_dict(config), sort_keys=False))

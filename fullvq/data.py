@@ -19,8 +19,9 @@ import io
 import numbers
 import os
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -243,17 +244,17 @@ class StreamingImageDataset(_ImageSource, IterableDataset):
     """
 
 
-    def shard(self, rank: int, world_size: int) -> "StreamingImageDataset":
+    def shard(self, rank: int, world_size: int) -> StreamingImageDataset:
         """This process's part of the stream (``datasets.distributed.split_dataset_by_node``)."""
         from datasets.distributed import split_dataset_by_node
 
         return self._over(split_dataset_by_node(self.table, rank=rank, world_size=world_size))
 
-    def shuffle(self, seed: int = 0, buffer_size: int = 1000) -> "StreamingImageDataset":
+    def shuffle(self, seed: int = 0, buffer_size: int = 1000) -> StreamingImageDataset:
         """A copy reading the stream through a shuffle buffer (``datasets`` semantics)."""
         return self._over(self.table.shuffle(seed=seed, buffer_size=buffer_size))
 
-    def _over(self, table) -> "StreamingImageDataset":
+    def _over(self, table) -> StreamingImageDataset:
         return StreamingImageDataset(table, image_column=self.image_column, label_column=self.label_column,
                                      transform=self.transform, id2label=self.id2label, name=self.name)
 

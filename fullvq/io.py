@@ -63,22 +63,18 @@ def publish(staging: str | os.PathLike, path: str | os.PathLike) -> Path:
     return path
 
 
-def _refuse_existing(path: Path, overwrite: bool, hint: str) -> None:
+_EXISTS_HINT = "choose another path or pass --overwrite to replace it"
+
+
+@contextlib.contextmanager
+def _staged(path: Path, overwrite: bool, hint: str, folder: bool) -> Iterator[Path]:
     if path.exists() and not overwrite:
         raise FileExistsError(f"{path} already exists; {hint}")
-
-
-@contextlib.contextmanager
-def atomic_file(path: str | os.PathLike, *, overwrite: bool = True,
-                hint: str = "choose another path or pass --overwrite to replace it") -> Iterator[Path]:
-    """Yields a staging path (same suffix as ``path``) to write; renamed to ``path`` when the block
-    ends without an error, deleted when it raises. ``overwrite=False`` refuses an existing ``path``
-    before anything is written, with ``hint`` in the message."""
-    path = Path(path)
-    _refuse_existing(path, overwrite, hint)
     path.parent.mkdir(parents=True, exist_ok=True)
     staging = staging_path(path)
-    remove(staging)
+    remove(staging)  # a stale one from a killed run
+    if folder:
+        staging.mkdir()
     try:
         yield staging
         publish(staging, path)
@@ -87,22 +83,18 @@ def atomic_file(path: str | os.PathLike, *, overwrite: bool = True,
         raise
 
 
-@contextlib.contextmanager
-def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False,
-                  hint: str = "choose another path or pass --overwrite to replace it") -> Iterator[Path]:
-    """Yields an empty staging folder to fill; renamed to ``path`` when the block ends without an
-    error (replacing an existing ``path`` only with ``overwrite=True``), deleted when it raises."""
-    path = Path(path)
-    _refuse_existing(path, overwrite, hint)
-    staging = staging_path(path)
-    remove(staging)
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-        publish(staging, path)
-    except BaseException:
-        remove(staging)
-        raise
+def atomic_file(path: str | os.PathLike, *, overwrite: bool = True, hint: str = _EXISTS_HINT):
+    """Context manager yielding a staging path (same suffix as ``path``) to write; renamed to ``path``
+    when the block ends without an error, deleted when it raises. ``overwrite=False`` refuses an
+    existing ``path`` before anything is written, with ``hint`` in the message."""
+    return _staged(Path(path), overwrite, hint, folder=False)
+
+
+def atomic_folder(path: str | os.PathLike, *, overwrite: bool = False, hint: str = _EXISTS_HINT):
+    """Context manager yielding an empty staging folder to fill; renamed to ``path`` when the block
+    ends without an error (replacing an existing ``path`` only with ``overwrite=True``), deleted
+    when it raises."""
+    return _staged(Path(path), overwrite, hint, folder=True)
 
 
 def write_text(path: str | os.PathLike, text: str) -> Path:
@@ -128,6 +120,21 @@ def sha256_files(paths: list[Path], root: Path | None = None) -> str:
     return digest.hexdigest()
 
 
+def find_weights_file(argument: tuple[str, str | os.PathLike | None], env_var: str, cached: Path,
+                      fix: str) -> Path | None:
+    """The weights file to use: the one named by ``argument`` (its name and value), else by the
+    environment variable ``env_var``, else ``cached`` when it exists; None when there is none. A
+    named file that does not exist is an error (``fix`` says what to point it at; ``{value}`` in it
+    becomes the name), never a silent fall-through to another file."""
+    for origin, value in (argument, (env_var, os.environ.get(env_var))):
+        if value:
+            path = Path(value).expanduser()
+            if not path.is_file():
+                raise FileNotFoundError(f"{origin}={str(value)!r} is not a file; {fix.format(value=value)}")
+            return path
+    return cached if cached.is_file() else None
+
+
 def load_torch_file(path: str | os.PathLike, allowed_globals: tuple = ()):
     """``torch.load`` on the CPU with ``weights_only=True``: tensors and plain values only, no code
     runs (``allowed_globals`` names extra plain classes a trusted format stores, e.g. argparse's
@@ -148,5 +155,6 @@ __all__ = [
     "atomic_folder",
     "write_text",
     "sha256_files",
+    "find_weights_file",
     "load_torch_file",
 ]

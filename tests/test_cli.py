@@ -46,7 +46,8 @@ def test_old_flag_spellings_still_work_for_a_release_and_say_so(tmp_path, capsys
     assert code == 2 and "missing.pt does not exist" in err
     assert "--out is deprecated and will be removed in the next release; use --output" in err
     assert "--image-size is deprecated" in err and "DeprecationWarning" in err
-    assert main(["convert", "--from", "llamagen-vq", str(tmp_path / "missing.pt"), "--output", str(tmp_path / "x")]) == 2
+    missing = str(tmp_path / "missing.pt")
+    assert main(["convert", "--from", "llamagen-vq", missing, "--output", str(tmp_path / "x")]) == 2
     assert "deprecated" not in capsys.readouterr().err
 
 
@@ -59,9 +60,11 @@ def test_user_errors_are_reported_as_argparse_reports_them(tmp_path, capsys):
 
 
 def test_the_command_line_offers_exactly_the_choices_the_jobs_accept():
-    from fullvq.commands import cache_tokens, convert, eval as eval_command, init_codebook
+    from fullvq.commands import cache_tokens, convert, init_codebook
+    from fullvq.commands import eval as eval_command
     from fullvq.eval.inception import INCEPTION_WEIGHTS_ENV
-    from fullvq.jobs import cache_tokens as cache_job, convert as convert_job
+    from fullvq.jobs import cache_tokens as cache_job
+    from fullvq.jobs import convert as convert_job
     from fullvq.tokenizer.kmeans import INITS
     from fullvq.tokenizer.patch_features import FEATURE_SPACES
 
@@ -69,3 +72,25 @@ def test_the_command_line_offers_exactly_the_choices_the_jobs_accept():
     assert (convert.SOURCES, convert.TOKENIZER_SOURCES) == (convert_job.SOURCES, convert_job.TOKENIZER_SOURCES)
     assert (init_codebook.INITS, init_codebook.FEATURE_SPACES) == (INITS, FEATURE_SPACES)
     assert eval_command.INCEPTION_WEIGHTS_ENV == INCEPTION_WEIGHTS_ENV
+
+
+def test_help_answers_without_importing_torch_or_diffusers():
+    # A fresh interpreter: `import fullvq.cli` and every command's --help must stay light (under 1 s).
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import contextlib, io, sys
+        import fullvq.cli
+        from fullvq.cli import COMMANDS, main
+        heavy = lambda: sorted(name for name in ("torch", "diffusers", "transformers") if name in sys.modules)
+        assert not heavy(), ("import fullvq.cli", heavy())
+        with contextlib.redirect_stdout(io.StringIO()):
+            for argv in [["--help"], *[[name, "--help"] for name in COMMANDS], ["eval", "gfid", "--help"]]:
+                assert main(argv) == 0, argv
+                assert not heavy(), (argv, heavy())
+        print("light")
+    """)
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0 and run.stdout.strip() == "light", run.stderr[-2000:]

@@ -71,4 +71,5 @@ def test_benchmark_writes_one_row_per_run_a_table_and_a_plot_and_reuses_finished
     assert len(ablation) == 1 and ablation[0]["recover_std"] == 0.0
     config = json.loads((tmp_path / "runs" / "digits" / "fvq-16-recover-std-0" / "model" / "config.json").read_text())
     assert config["quantizer_kwargs"]["recover_std"] == 0.0
-    assert (tmp_path / "ablation.md").is_file() and len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 8
+    assert (tmp_path / "ablation.md").is_file()
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 8

@@ -16,6 +16,7 @@ import torch.nn.functional as F
 
 from fullvq import FVQModel
 from fullvq.cli import main
+from fullvq.generator.gpt import FullVQGPT
 from fullvq.jobs.convert import (
     ConversionError,
     convert_fvq,
@@ -24,7 +25,6 @@ from fullvq.jobs.convert import (
     convert_vqgan_lc,
     load_checkpoint,
 )
-from fullvq.generator.gpt import FullVQGPT
 
 IMAGE_SIZE = 16
 CH, CH_MULT, NUM_RES_BLOCKS, Z_CHANNELS = 32, (1, 1, 2), 2, 32  # 16 px -> 4 x 4 tokens
@@ -449,7 +449,8 @@ def ref_bridge(sd, prefix="quantize.qbridge", label=None):
         return F.layer_norm(t, (h,), eps=1e-6)
 
     def attention(i, t):
-        q, kk, v = lin(f"blocks.{i}.attn.qkv", t).reshape(1, -1, 3, BRIDGE_HEADS, h // BRIDGE_HEADS).permute(2, 0, 3, 1, 4)
+        qkv = lin(f"blocks.{i}.attn.qkv", t).reshape(1, -1, 3, BRIDGE_HEADS, h // BRIDGE_HEADS)
+        q, kk, v = qkv.permute(2, 0, 3, 1, 4)
         a = (q @ kk.transpose(-2, -1) * (h // BRIDGE_HEADS) ** -0.5).softmax(-1) @ v
         return lin(f"blocks.{i}.attn.proj", a.transpose(1, 2).reshape(1, -1, h))
 

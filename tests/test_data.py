@@ -145,7 +145,7 @@ def test_items_collate_into_batches(folder_dataset):
 
 def _tiny_table(rng, labelled=True):
     images = []
-    for i in range(6):
+    for _ in range(6):
         buffer = io.BytesIO()
         _random_rgb(rng, 20, 20).save(buffer, format="PNG")
         images.append({"bytes": buffer.getvalue(), "path": None})

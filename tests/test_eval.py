@@ -27,13 +27,13 @@ from fullvq.eval import (
     psnr,
     ssim,
 )
+from fullvq.eval.image_sets import ImageFiles
+from fullvq.eval.inception import find_fid_helper_weights, resolve_inception_weights
+from fullvq.eval.scores import check_set_sizes
 from fullvq.images import to_uint8
 from fullvq.jobs.eval_generation import evaluate_generation, generate_samples
 from fullvq.jobs.eval_reconstruction import evaluate_reconstruction
 from fullvq.tokenizer import CodebookUsage
-from fullvq.eval.inception import find_fid_helper_weights, resolve_inception_weights
-from fullvq.eval.image_sets import ImageFiles
-from fullvq.eval.scores import check_set_sizes
 
 NUM_DIGITS = 8
 

@@ -15,12 +15,12 @@ from PIL import Image  # noqa: E402
 from safetensors.torch import load_file  # noqa: E402
 
 from fullvq.cli import main as cli_main  # noqa: E402
-from fullvq.tokenizer import build_quantizer  # noqa: E402
+from fullvq.data import build_dataset  # noqa: E402
 from fullvq.jobs.init_codebook import split_codes, stats_paths  # noqa: E402
+from fullvq.tokenizer import build_quantizer  # noqa: E402
 from fullvq.tokenizer.kmeans import kmeans  # noqa: E402
 from fullvq.tokenizer.patch_features import PatchFeatureExtractor, pool_patches  # noqa: E402
 from fullvq.tokenizer.patch_features import extract_patch_features as extract_features  # noqa: E402
-from fullvq.data import build_dataset  # noqa: E402
 
 TINY_VIT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
                 image_size=32, patch_size=8)
@@ -53,7 +53,7 @@ def test_kmeans_inertia_never_rises(init):
     result = kmeans(points, 40, init=init, num_iters=25, tol=0.0, seed=3, chunk_size=700, progress=False)
     history = result.inertia_history
     assert len(history) >= 5
-    assert all(later <= earlier for earlier, later in zip(history, history[1:]))
+    assert all(later <= earlier for earlier, later in zip(history, history[1:], strict=False))
     assert history[-1] < history[0]
 
 
@@ -228,7 +228,7 @@ def test_cli_builds_a_codebook_that_trains_in_the_lc_quantizer(clip_dir, image_f
     stats = json.loads(stats_json.read_text())
     assert stats["images"] == 8 and stats["features"] == 8 * 16 and stats["skipped_images"] == 1
     assert sum(stats["cluster_sizes"]["histogram"]["counts"]) == 12
-    assert all(b <= a for a, b in zip(stats["inertia_history"], stats["inertia_history"][1:]))
+    assert all(b <= a for a, b in zip(stats["inertia_history"], stats["inertia_history"][1:], strict=False))
     assert stats_png.stat().st_size > 0
 
     quantizer = build_quantizer("lc", codebook_size=12, codebook_dim=8, feature_dim=32)

@@ -14,7 +14,6 @@ from PIL import Image
 from fullvq import FVQModel
 from fullvq.cli import main as cli_main
 from fullvq.config import ConfigError, load_config
-from fullvq.jobs.cache_tokens import cache_tokens
 from fullvq.generator.latent_flow import (
     build_transformer,
     diffusion_loss,
@@ -23,6 +22,7 @@ from fullvq.generator.latent_flow import (
     sample_latents,
     sampling_scheduler,
 )
+from fullvq.jobs.cache_tokens import cache_tokens
 from fullvq.jobs.generator_stages import latent_statistics
 from fullvq.jobs.token_cache import CODEBOOK_FILE, TokenCache
 from fullvq.jobs.train_generator import GeneratorTrainConfig
@@ -261,8 +261,8 @@ def test_sample_cli_and_gfid_sampling_drive_a_latent_pipeline(tmp_path, tokenize
 @pytest.mark.parametrize("recipe_path", sorted((Path(__file__).resolve().parents[1] / "configs" / "generator")
                                                .glob("*.yaml")), ids=lambda p: p.stem)
 def test_every_shipped_generator_recipe_is_valid(recipe_path, tmp_path):
-    from fullvq.jobs.token_cache import CACHE_FILE
     from fullvq.generator.gpt import FullVQGPTConfig
+    from fullvq.jobs.token_cache import CACHE_FILE
 
     (tmp_path / CACHE_FILE).write_text("{}")  # the recipe's checks need only the cache's presence
     config = load_config(GeneratorTrainConfig, recipe_path, [f"tokens={tmp_path}"])

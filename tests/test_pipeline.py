@@ -11,9 +11,9 @@ from PIL import Image  # noqa: E402
 from torch import nn  # noqa: E402
 
 from fullvq.cli import main  # noqa: E402
+from fullvq.commands.sample import parse_labels  # noqa: E402
 from fullvq.generator import FullVQGPT, FullVQGPTConfig  # noqa: E402
 from fullvq.pipelines import FullVQPipeline  # noqa: E402
-from fullvq.commands.sample import parse_labels  # noqa: E402
 from fullvq.tokenizer import FVQModel  # noqa: E402
 
 ID2LABEL = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
@@ -124,7 +124,8 @@ def test_class_names_resolve_to_ids_including_imagenet_synonyms(pipe):
 
 
 def test_unknown_names_and_out_of_range_labels_raise_clear_errors(pipe):
-    with pytest.raises(ValueError, match=r"unknown class name 'golden retreiver'; close matches: 'golden retriever' \(1\)"):
+    close_match = r"unknown class name 'golden retreiver'; close matches: 'golden retriever' \(1\)"
+    with pytest.raises(ValueError, match=close_match):
         pipe("golden retreiver")
     with pytest.raises(ValueError, match=r"class label 3 is outside \[0, 3\)"):
         pipe([0, 3])
@@ -159,7 +160,8 @@ def test_images_come_label_by_label_in_batches(pipe):
     greedy = pipe([2, 0], num_images_per_label=2, temperature=0, batch_size=3, output_type="pt").images
     close = dict(atol=1e-4, rtol=0)
     torch.testing.assert_close(greedy[[0, 2]], greedy[[1, 3]], **close)
-    torch.testing.assert_close(greedy, pipe([2, 2, 0, 0], temperature=0, batch_size=4, output_type="pt").images, **close)
+    regrouped = pipe([2, 2, 0, 0], temperature=0, batch_size=4, output_type="pt").images
+    torch.testing.assert_close(greedy, regrouped, **close)
     assert not torch.allclose(greedy[0], greedy[2], atol=1e-2)
 
 

@@ -14,8 +14,8 @@ from PIL import Image
 from safetensors.torch import load_file
 
 from fullvq.config import ConfigError, load_config
-from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 from fullvq.jobs.schedule import EpochSampler, lr_multiplier
+from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
 REPO = Path(__file__).resolve().parents[1]
 MODEL = dict(sample_size=32, block_out_channels=[16, 32, 32], layers_per_block=1, latent_channels=16,
@@ -118,7 +118,8 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tmp_path
     data = make_image_folder(tmp_path / "images", per_class=8)
     values = recipe(tmp_path, data, max_steps=16, checkpoint_every=4, ema_decay=0.99, log_every=4,
                     gradient_accumulation_steps=2)
-    values["loss"] = {"perceptual_weight": 0.0, "gan_weight": 0.5, "gan_start_step": 6}  # D and its optimiser resume too
+    # D and its optimiser resume too.
+    values["loss"] = {"perceptual_weight": 0.0, "gan_weight": 0.5, "gan_start_step": 6}
     path = write_recipe(tmp_path / "r.yaml", values)
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     subprocess.run(_train_command(path, f"train.output_dir={straight}"), env=_env(), check=True,

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callable[[argparse.Namespace], int | None],
@@ -50,6 +51,20 @@ def add_renamed(parser, name: str, *deprecated: str, **kwargs) -> argparse.Actio
     return parser.add_argument(name, *deprecated, action=_Renamed, deprecated=deprecated, **kwargs)
 
 
+def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
+    """A command's parser; ``description`` (its module docstring) is shown as written."""
+    return argparse.ArgumentParser(prog=prog, description=description,
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def recipe_parser(prog: str, description: str, recipes: str, example: str) -> argparse.ArgumentParser:
+    """The parser of a command that trains from a YAML recipe: ``CONFIG [key=value ...]``."""
+    parser = command_parser(prog, description)
+    parser.add_argument("config", type=Path, help=f"YAML recipe (see {recipes})")
+    parser.add_argument("overrides", nargs="*", help=f"key=value overrides, e.g. {example}")
+    return parser
+
+
 def fail(parser: argparse.ArgumentParser, error: BaseException | str) -> int:
     """Report ``error`` as argparse reports a usage error; returns the exit status 2."""
     parser.print_usage(sys.stderr)
@@ -57,4 +72,4 @@ def fail(parser: argparse.ArgumentParser, error: BaseException | str) -> int:
     return 2
 
 
-__all__ = ["run", "fail", "add_renamed"]
+__all__ = ["run", "fail", "add_renamed", "command_parser", "recipe_parser"]

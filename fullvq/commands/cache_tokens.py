@@ -15,15 +15,14 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 # The views the job knows (fullvq.jobs.cache_tokens.AUGMENTATIONS; a test keeps them equal).
 AUGMENTATIONS = ("none", "flip", "ten-crop")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(prog, __doc__)
     parser.add_argument("--tokenizer", required=True, type=Path, help="FVQModel folder (<tokenizer run>/model)")
     add_renamed(parser, "--data", "--source", required=True,
                 help="image folder, save_to_disk folder, parquet file, hub dataset name, or demo")

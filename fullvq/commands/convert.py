@@ -1,11 +1,15 @@
 """``fullvq convert --from KIND CHECKPOINT --output DIR``: an original LlamaGen / FVQ / VQGAN-LC checkpoint
-as a fullvq folder (``fullvq.jobs.convert``)."""
+(.pt, read with weights_only=True) as a fullvq save_pretrained folder (``fullvq.jobs.convert``).
+
+Example: ``--from llamagen-gpt c2i_L_256.pt --tokenizer-checkpoint vq_ds16_c2i.pt --output llamagen-L``
+writes one FullVQPipeline folder.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 # The formats the job converts (fullvq.jobs.convert.SOURCES / TOKENIZER_SOURCES; a test keeps them equal).
 SOURCES = ("llamagen-vq", "llamagen-gpt", "fvq", "vqgan-lc")
@@ -13,12 +17,7 @@ TOKENIZER_SOURCES = ("llamagen-vq", "fvq", "vqgan-lc")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Convert an original LlamaGen / FVQ / VQGAN-LC checkpoint (.pt, read with weights_only=True) "
-                    "into a fullvq save_pretrained folder. Example: --from llamagen-gpt c2i_L_256.pt "
-                    "--tokenizer-checkpoint vq_ds16_c2i.pt --output llamagen-L (a FullVQPipeline folder).",
-    )
+    parser = command_parser(prog, __doc__)
     parser.add_argument("--from", dest="source", required=True, choices=SOURCES,
                         help="checkpoint kind: llamagen-vq (LlamaGen VQ-8/16), fvq (FVQ tokenizer: VQGAN format or "
                              "with its VQBridge), "

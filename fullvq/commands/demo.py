@@ -18,12 +18,11 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(prog, __doc__)
     add_renamed(parser, "--output", "--out", type=Path, default=Path("fullvq-demo"), help="output folder")
     parser.add_argument("--fast", action="store_true", help="tiny sizes and a few steps (a smoke test)")
     parser.add_argument("--seed", type=int, default=0)

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 # fullvq.eval.inception.INCEPTION_WEIGHTS_ENV (a test keeps them equal, so --help stays light).
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
@@ -32,7 +32,7 @@ def _classes(text: str) -> list[int]:
 
 
 def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description="rFID / gFID and reconstruction metrics, offline-capable")
+    parser = command_parser(prog, __doc__)
     commands = parser.add_subparsers(dest="command", required=True,
                                      metavar="{rfid,gfid,reference-stats,convert-inception}")
 

@@ -1,10 +1,15 @@
-"""``fullvq init-codebook``: a VQGAN-LC codebook from a vision encoder's patch features (``fullvq.jobs.init_codebook``)."""
+"""``fullvq init-codebook``: a k-means codebook for the lc quantizer (VQGAN-LC) from a pretrained vision
+encoder's patch features (``fullvq.jobs.init_codebook``).
+
+VQGAN-LC's recipe: ``--encoder openai/clip-vit-large-patch14 --per-class --num-codes 100000
+--pool-factor 4`` on ImageNet train.
+"""
 
 from __future__ import annotations
 
 import argparse
 
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 # The choices the job checks again (fullvq.tokenizer.kmeans.INITS, patch_features.FEATURE_SPACES); a
 # test keeps them equal, so --help stays light.
@@ -13,12 +18,7 @@ FEATURE_SPACES = ("hidden", "projected")
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="k-means codebook for the lc quantizer (VQGAN-LC) from a pretrained vision encoder's "
-                    "patch features. VQGAN-LC recipe: --encoder openai/clip-vit-large-patch14 --per-class "
-                    "--num-codes 100000 --pool-factor 4 on ImageNet train.",
-    )
+    parser = command_parser(prog, __doc__)
     parser.add_argument("--encoder", required=True, help="transformers vision backbone: hub id or local folder "
                         "(CLIP vision, DINOv2, SigLIP, ViT)")
     parser.add_argument("--data", required=True,

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from . import add_renamed, run
+from . import add_renamed, command_parser, run
 
 # The sampling settings, passed on only when given (None: the pipeline's own default).
 _OPTIONS = ("guidance_scale", "guidance_schedule", "temperature", "top_k", "top_p", "num_inference_steps",
@@ -37,15 +37,15 @@ def parse_labels(arguments: list[str]) -> list[int | str]:
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(prog, __doc__)
     parser.add_argument("pipeline", metavar="PIPELINE_DIR", help="pipeline folder (model_index.json) or hub id")
     parser.add_argument("--labels", nargs="+", required=True, help="class ids or names (see above)")
     add_renamed(parser, "--images-per-class", "--num-per-label", type=int, default=1,
                 help="images per label (default 1)")
     parser.add_argument("--guidance-scale", type=float, default=None,
                         help="classifier-free guidance; 1 = off (default: the pipeline's, 2.0 GPT, 4.0 DiT / flow)")
-    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None, help="GPT (default constant)")
+    parser.add_argument("--guidance-schedule", choices=("constant", "linear"), default=None,
+                        help="GPT (default constant)")
     parser.add_argument("--temperature", type=float, default=None, help="GPT: 0 = greedy (default 1)")
     parser.add_argument("--top-k", type=int, default=None, help="GPT: 0 = off (default)")
     parser.add_argument("--top-p", type=float, default=None, help="GPT: 1 = off (default)")

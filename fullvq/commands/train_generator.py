@@ -20,19 +20,13 @@ generator) and ``<output_dir>/pipeline`` (tokenizer + generator + class names). 
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..config import ConfigError
-from . import run
+from . import recipe_parser, run
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, help="YAML recipe (see configs/generator/)")
-    parser.add_argument("overrides", nargs="*",
-                        help="key=value overrides, e.g. train.max_steps=100 tokens=tokens/demo model.size=B")
-    return parser
+    return recipe_parser(prog, __doc__, "configs/generator/", "train.max_steps=100 tokens=tokens/demo model.size=B")
 
 
 def _train_generator(args: argparse.Namespace) -> int:

@@ -9,18 +9,13 @@ codebook. See ``configs/tokenizer/``.
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 from ..config import ConfigError
-from . import run
+from . import recipe_parser, run
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("config", type=Path, help="YAML recipe (see configs/tokenizer/)")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. train.max_steps=100 model.codebook_size=4096")
-    return parser
+    return recipe_parser(prog, __doc__, "configs/tokenizer/", "train.max_steps=100 model.codebook_size=4096")
 
 
 def _train_tokenizer(args: argparse.Namespace) -> int:

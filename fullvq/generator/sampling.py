@@ -93,7 +93,8 @@ def sample(
     labels = torch.as_tensor(class_labels, device=model.device)
     if labels.ndim != 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
         raise ValueError(
-            f"class_labels must be a list or 1D tensor of integer ids, got {labels.dtype} of shape {tuple(labels.shape)}"
+            f"class_labels must be a list or 1D tensor of integer ids, got {labels.dtype} of shape "
+            f"{tuple(labels.shape)}"
         )
     if len(labels) and (labels.min() < 0 or labels.max() >= config.num_classes):
         bad = labels[(labels < 0) | (labels >= config.num_classes)].unique()[:10].tolist()

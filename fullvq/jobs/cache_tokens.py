@@ -19,8 +19,10 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from ..config import ConfigError
+from ..data import build_dataset, check_resolution, eval_transform
 from ..distributed import process_state
 from ..io import atomic_file, atomic_folder, write_text
+from ..tokenizer import FVQModel
 from .token_cache import (
     CACHE_FILE,
     CACHE_FORMAT,
@@ -51,7 +53,6 @@ def augmentation_views(resolution: int, augmentation: str = "flip"):
     order of ``AUGMENTATIONS[augmentation]``."""
     from torchvision.transforms import v2
 
-    from ..data import check_resolution, eval_transform
 
     resolution = check_resolution(resolution)
     if augmentation not in AUGMENTATIONS:
@@ -96,7 +97,7 @@ def _collate(items):
     items = [item for item in items if item is not None]
     if not items:
         return None
-    views, labels, indices = zip(*items)
+    views, labels, indices = zip(*items, strict=True)
     return torch.stack(views), list(labels), list(indices)
 
 
@@ -135,8 +136,6 @@ def cache_tokens(
     Returns:
         The cache description written to ``fullvq_tokens.json``.
     """
-    from ..data import build_dataset
-
     if augmentation not in AUGMENTATIONS:
         raise ConfigError(f"augmentation={augmentation!r} is not one of {list(AUGMENTATIONS)}")
     if batch_size < 1 or shard_size < 1:
@@ -173,8 +172,6 @@ def cache_tokens(
 
 
 def _load_tokenizer(folder: Path, device):
-    from ..tokenizer import FVQModel
-
     if not folder.is_dir():
         raise FileNotFoundError(f"tokenizer folder {folder} does not exist; pass the <output_dir>/model "
                                 "folder of a fullvq train-tokenizer run")
@@ -289,7 +286,7 @@ def _write_shard(folder: Path, tokens: np.ndarray | None, labels: list[int], ind
 def _finish(model, output_dir: Path, names: list[str], info: dict, latents: bool) -> None:
     """Main process, once every shard is written: mark the cache complete (and store the codebook)."""
     done = [read_shard_done(output_dir / name) for name in names]
-    missing = [name for name, d in zip(names, done) if d is None]
+    missing = [name for name, d in zip(names, done, strict=True) if d is None]
     if missing:
         raise RuntimeError(f"shards {missing[:5]} of {output_dir} were not written; re-run the same command")
     info.update(complete=True, shards=names, count=sum(d["count"] for d in done),

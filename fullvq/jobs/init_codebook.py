@@ -20,9 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from ..data import build_dataset
 from ..io import atomic_file, write_text
 from ..tokenizer.kmeans import KMeansResult, kmeans
 from ..tokenizer.patch_features import PatchFeatureExtractor, extract_patch_features, iter_features, tokens_per_image
+from ..tokenizer.quantizers.projected import LCQuantizer
 
 TOO_FEW = "; lower --num-codes, add images, or lower --pool-factor / raise --features-per-image"
 
@@ -64,8 +66,6 @@ def init_codebook(
     one class's features at a time. Writes ``out`` (safetensors, key ``codebook``), and beside it
     ``<stem>_stats.json`` and ``<stem>_cluster_sizes.png``.
     """
-    from ..data import build_dataset
-
     started = time.time()
     out = Path(out).expanduser()
     _check_request(out, overwrite, num_codes=num_codes, pool_factor=pool_factor,
@@ -185,7 +185,7 @@ def _per_class_codebook(run: _Run, num_codes: int) -> _Clustered:
         if label >= 0:
             by_class[label].append(index)
     by_class = {label: run.subsample(members) for label, members in by_class.items()}
-    quota = dict(zip(classes, split_codes(num_codes, len(classes))))
+    quota = dict(zip(classes, split_codes(num_codes, len(classes)), strict=True))
     name = lambda label: dataset.id2label.get(label, str(label))  # noqa: E731
     for label in classes:
         if quota[label] > len(by_class[label]) * run.per_image:
@@ -223,7 +223,7 @@ def _stream_by_class(run: _Run, order: list[int], owner: list[int], classes: lis
     pending: list[torch.Tensor] = []
     current = 0  # index into classes of the class being gathered
     for positions, features in iter_features(run.extractor, run.dataset, order, **run.extract):
-        for position, rows in zip(positions.tolist(), features):
+        for position, rows in zip(positions.tolist(), features, strict=True):
             while owner[position] != classes[current]:
                 results[classes[current]] = cluster(classes[current], pending)
                 pending = []
@@ -238,8 +238,6 @@ def _stream_by_class(run: _Run, order: list[int], owner: list[int], classes: lis
 
 def _check_loads_into_lc(centers: torch.Tensor, out: Path) -> None:
     """The point of the file: it must load into the lc quantizer as is (shape and dtype checked there)."""
-    from ..tokenizer.quantizers.projected import LCQuantizer
-
     LCQuantizer(centers.shape[0], 1, feature_dim=centers.shape[1]).load_codebook(out)
 
 

@@ -10,6 +10,9 @@ the final model. Everything else lives here, once:
 * atomic ``checkpoint-{step}`` folders with a total limit, ``resume=latest``;
 * EMA of the model weights (diffusers' ``EMAModel``), saved as safetensors;
 * a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs.
+
+(About 480 lines, over the house's 450: the loop, its checkpoints and resume read best in one file;
+what each step sees is already apart, in ``fullvq.jobs.schedule``.)
 """
 
 from __future__ import annotations
@@ -18,9 +21,10 @@ import json
 import math
 import shutil
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import Literal
 
 import torch
 from torch import nn
@@ -92,7 +96,7 @@ class TrainingStage:
 
     models: dict[str, nn.Module]
     optimizers: dict[str, torch.optim.Optimizer]
-    trainer: "Trainer"
+    trainer: Trainer
 
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         """One (micro-)batch: forward, then ``trainer.optimizer_step(name, loss)`` for each optimiser.
@@ -124,8 +128,10 @@ def _to_device(batch, device):
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    found = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir() and p.name[len(CHECKPOINT_PREFIX):].isdigit()]
-    return max(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):])) if found else None
+    """The newest ``checkpoint-{step}`` folder in ``output_dir``, or None."""
+    steps = {p: p.name[len(CHECKPOINT_PREFIX):] for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
+    found = [p for p, step in steps.items() if step.isdigit()]
+    return max(found, key=lambda p: int(steps[p])) if found else None
 
 
 def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
@@ -179,7 +185,8 @@ class Trainer:
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=log_with,
-            project_config=ProjectConfiguration(project_dir=str(self.output_dir), logging_dir=str(self.output_dir / "logs")),
+            project_config=ProjectConfiguration(project_dir=str(self.output_dir),
+                                                logging_dir=str(self.output_dir / "logs")),
         )
         set_seed(config.seed)
         self.dataset = dataset
@@ -207,7 +214,8 @@ class Trainer:
             self.warmup_steps = 0
         self.warmup_steps = min(self.warmup_steps, max(0, self.total_steps - 1))
         self.global_batch = config.batch_size * world * config.gradient_accumulation_steps
-        self.peak_lr = config.learning_rate * (self.global_batch / config.reference_batch_size if config.scale_lr else 1.0)
+        scale = self.global_batch / config.reference_batch_size if config.scale_lr else 1.0
+        self.peak_lr = config.learning_rate * scale
         self.step = 0
         self.ema = None
         self.stage = make_stage(self)
@@ -269,7 +277,7 @@ class Trainer:
         if self.streaming:
             skip = self.step * accumulation
             while True:
-                for i, batch in enumerate(self._loader(0, 0)):
+                for batch in self._loader(0, 0):
                     if skip:
                         skip -= 1
                         continue
@@ -301,8 +309,8 @@ class Trainer:
                 from safetensors.torch import save_file
 
                 names = [n for n, _ in acc.unwrap_model(self.stage.models["model"]).named_parameters()]
-                save_file({n: t.detach().contiguous().cpu() for n, t in zip(names, self.ema.shadow_params)},
-                          tmp / "ema.safetensors")
+                shadow = zip(names, self.ema.shadow_params, strict=True)
+                save_file({n: t.detach().contiguous().cpu() for n, t in shadow}, tmp / "ema.safetensors")
             state = {"step": self.step, "total_steps": self.total_steps,
                      "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
             (tmp / "trainer_state.json").write_text(json.dumps(state))
@@ -334,7 +342,7 @@ class Trainer:
                                   "run's own settings (its config.yaml)")
             shadow = load_file(ema_file)
             names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
-            for name, target in zip(names, self.ema.shadow_params):
+            for name, target in zip(names, self.ema.shadow_params, strict=True):
                 target.copy_(shadow[name].to(target.device))
             self.ema.optimization_step = int(state["ema_optimization_step"])
 
@@ -401,8 +409,8 @@ class Trainer:
             bar.update(1)
             if self.step % c.log_every == 0 or self.step == self.total_steps:
                 record = {k: v / count for k, v in sums.items()}
-                record = {k: float(v) for k, v in zip(record, acc.reduce(torch.tensor(list(record.values()),
-                                                                                       device=acc.device), "mean"))}
+                means = acc.reduce(torch.tensor(list(record.values()), device=acc.device), "mean")
+                record = {k: float(v) for k, v in zip(record, means, strict=True)}
                 record.update(stage.periodic_logs(self.step))
                 record["lr"] = self.peak_lr * self.lr_factor(self.step - 1)
                 record["step"] = self.step

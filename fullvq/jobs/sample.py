@@ -13,6 +13,8 @@ from pathlib import Path
 import torch
 
 from ..images import from_unit_range, save_image_grid
+from ..io import atomic_file
+from ..pipelines import load_pipeline
 
 
 def sample_to_folder(
@@ -34,7 +36,6 @@ def sample_to_folder(
     take the pipeline's defaults, those of the other kind of pipeline are refused before sampling."""
     from torchvision.utils import save_image
 
-    from ..pipelines import load_pipeline
 
     pipe = load_pipeline(pipeline, dtype=dtype).to(device)
     options = pipe.sampling_options(**options)
@@ -46,10 +47,11 @@ def sample_to_folder(
     output.mkdir(parents=True, exist_ok=True)
     written: dict[int, int] = {}  # class id -> images written, so a repeated label does not overwrite
     paths = []
-    for label, image in zip((i for i in ids for _ in range(num_images_per_label)), images):
+    for label, image in zip((i for i in ids for _ in range(num_images_per_label)), images, strict=True):
         index = written.get(label, 0)
         paths.append(output / f"{label}_{index}.png")
-        save_image(image, paths[-1])
+        with atomic_file(paths[-1]) as staging:
+            save_image(image, staging)
         written[label] = index + 1
     save_image_grid(list(from_unit_range(images).split(num_images_per_label)), output / "grid.png")
     return paths

@@ -20,6 +20,8 @@ from torch.utils.data import Dataset
 
 from ..config import ConfigError, check_kwargs
 from ..generator.gpt import GPT_SIZES, FullVQGPTConfig
+from ..generator.latent_flow import DIT_SIZES
+from ..tokenizer import FVQModel
 from .generator_stages import GPTStage, LatentFlowStage, latent_statistics
 from .loop import TrainConfig, Trainer
 from .token_cache import CACHE_FILE, TokenCache, tokenizer_sha256
@@ -83,7 +85,6 @@ def check_dit_settings(settings: dict, size: str | None) -> dict:
     arguments, minus the ones the token cache decides."""
     from diffusers import DiTTransformer2DModel
 
-    from ..generator.latent_flow import DIT_SIZES
 
     if size is not None and size not in DIT_SIZES:
         raise ConfigError(f"model.size={size!r} is not one of {list(DIT_SIZES)} (DiT sizes)")
@@ -103,8 +104,6 @@ def check_dit_settings(settings: dict, size: str | None) -> dict:
 
 def load_tokenizer(config: GeneratorTrainConfig, cache: TokenCache):
     """The tokenizer the cache was made with, or a ConfigError if its weights or codebook differ."""
-    from ..tokenizer import FVQModel
-
     info = cache.info
     path = Path(config.tokenizer or info["tokenizer"])
     if not path.is_dir():

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 
 from ..config import ConfigError, check_kwargs
+from ..data import build_dataset
 from ..images import save_image_grid, save_usage_histogram
 from ..tokenizer.losses import TokenizerLoss
 from ..tokenizer.modeling import FVQModel
@@ -159,8 +160,6 @@ class TokenizerStage(TrainingStage):
 
 def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     """Train a tokenizer as ``config`` says; returns the run summary (the model is in ``<output_dir>/model``)."""
-    from ..data import build_dataset
-
     data = config.data
     dataset = build_dataset(data.source, resolution=data.resolution, train=True, split=data.split,
                             streaming=data.streaming, image_column=data.image_column, label_column=data.label_column)

@@ -1,7 +1,7 @@
 """Pipelines users load: a folder of components (diffusers' layout) -> images."""
 
 from .autoregressive import FullVQPipeline
-from .base import ClassConditionalPipeline
+from .base import DOWNLOAD_KWARGS, ClassConditionalPipeline
 from .latent_flow import LatentFlowPipeline
 
 __all__ = ["ClassConditionalPipeline", "FullVQPipeline", "LatentFlowPipeline", "load_pipeline"]
@@ -18,10 +18,8 @@ def load_pipeline(path, **kwargs) -> ClassConditionalPipeline:
     if not os.path.isdir(path):  # a hub id: read its model_index.json first
         from huggingface_hub import hf_hub_download
 
-        from .base import _DOWNLOAD_KWARGS
-
         index = hf_hub_download(str(path), "model_index.json",
-                                **{key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs})
+                                **{key: kwargs[key] for key in DOWNLOAD_KWARGS if key in kwargs})
     if not os.path.isfile(index):
         raise FileNotFoundError(f"{path} has no model_index.json; pass a folder written by a pipeline's "
                                 "save_pretrained (e.g. <train-generator output_dir>/pipeline)")

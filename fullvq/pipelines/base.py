@@ -20,7 +20,7 @@ from huggingface_hub import snapshot_download
 OUTPUT_TYPES = ("pil", "np", "pt")
 
 # from_pretrained settings that concern fetching a hub repo (diffusers ignores them for a local folder).
-_DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
+DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_download", "proxies")
 
 # Quantizers whose indices are not one token per grid cell (neither head handles them).
 MULTI_TOKEN_QUANTIZERS = ("residual", "multiscale")
@@ -51,7 +51,7 @@ class ClassConditionalPipeline(DiffusionPipeline):
             pretrained_model_name_or_path = snapshot_download(
                 str(pretrained_model_name_or_path),
                 allow_patterns=[cls.config_name, *(f"{folder}/*" for folder in cls._component_folders)],
-                **{key: kwargs[key] for key in _DOWNLOAD_KWARGS if key in kwargs},
+                **{key: kwargs[key] for key in DOWNLOAD_KWARGS if key in kwargs},
             )
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 

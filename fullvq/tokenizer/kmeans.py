@@ -95,6 +95,7 @@ def _assign(features: torch.Tensor, centers: torch.Tensor, chunk_size: int):
     return sums, sizes, float(inertia), far_rows[far_sq.argsort(descending=True)]
 
 
+# About 90 lines, a third of them docstring: Lloyd's loop (assign, update, re-seed) reads best whole.
 @torch.no_grad()
 def kmeans(
     features: torch.Tensor,

@@ -20,7 +20,7 @@ from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.models.modeling_utils import ModelMixin
 from torch import nn
 
-from ..io import load_torch_file, offline
+from ..io import find_weights_file, load_torch_file, offline
 
 # torchvision's ImageNet VGG16 (IMAGENET1K_V1), the backbone LPIPS(net="vgg") was calibrated on.
 VGG16_URL = "https://download.pytorch.org/models/vgg16-397923af.pth"
@@ -117,17 +117,9 @@ def find_vgg16_weights(vgg_weights: str | os.PathLike | None = None) -> Path | N
 
     An explicitly named file that does not exist is an error, not a fall-through.
     """
-    for source, value in (("vgg_weights", vgg_weights), (VGG16_WEIGHTS_ENV, os.environ.get(VGG16_WEIGHTS_ENV))):
-        if value:
-            path = Path(value).expanduser()
-            if not path.is_file():
-                raise FileNotFoundError(
-                    f"{source}={str(value)!r} is not a file; point it at torchvision's vgg16 state dict "
-                    f"(.pth or .safetensors, e.g. {os.path.basename(VGG16_URL)})"
-                )
-            return path
-    cached = vgg16_cache_path()
-    return cached if cached.is_file() else None
+    return find_weights_file(("vgg_weights", vgg_weights), VGG16_WEIGHTS_ENV, vgg16_cache_path(),
+                             "point it at torchvision's vgg16 state dict (.pth or .safetensors, e.g. "
+                             f"{os.path.basename(VGG16_URL)})")
 
 
 def _missing_vgg16_message(reason: str) -> str:
@@ -209,7 +201,7 @@ class PerceptualLoss(nn.Module):
                 ".state_dict(), path)"
             )
 
-    def train(self, mode: bool = True) -> "PerceptualLoss":
+    def train(self, mode: bool = True) -> PerceptualLoss:
         # Frozen whatever the parent's mode: lpips' heads have dropout.
         return super().train(False)
 

@@ -85,7 +85,8 @@ class FVQModel(ModelMixin, ConfigMixin):
             in_channels=in_channels,
             out_channels=latent_channels,
             down_block_types=tuple(
-                "AttnDownEncoderBlock2D" if level in attention_levels else "DownEncoderBlock2D" for level in range(levels)
+                "AttnDownEncoderBlock2D" if level in attention_levels else "DownEncoderBlock2D"
+                for level in range(levels)
             ),
             block_out_channels=block_out_channels,
             layers_per_block=layers_per_block,
@@ -223,7 +224,7 @@ class FVQModel(ModelMixin, ConfigMixin):
         return self.quantize.revive_dead_slots()
 
     @torch.no_grad()
-    def export_plain(self) -> "FVQModel":
+    def export_plain(self) -> FVQModel:
         """The same tokenizer with the mapped codebook C_hat = f(C) baked into a plain ``vq`` table.
 
         The projector / VQBridge is dropped; indices and decoded images are unchanged. The result

@@ -88,7 +88,7 @@ class PatchFeatureExtractor(nn.Module):
     @classmethod
     def from_pretrained(cls, name_or_path: str | os.PathLike, *, image_size: int | None = None,
                         feature_space: str = "hidden", device: torch.device | str = "cpu",
-                        dtype: torch.dtype = torch.float32) -> "PatchFeatureExtractor":
+                        dtype: torch.dtype = torch.float32) -> PatchFeatureExtractor:
         """Load a vision backbone with ``AutoModel.from_pretrained`` (a hub id or a local folder).
 
         Normalisation comes from the folder's image processor when it has one, else CLIP / SigLIP /

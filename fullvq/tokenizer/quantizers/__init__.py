@@ -1,24 +1,24 @@
 """Quantizer families behind one registry: ``build_quantizer(name, **config)``.
 
-Adding a family is one new file and one line in ``QUANTIZERS``.
+Adding a family is one new file and one line in ``CODEBOOK_FAMILIES`` (``families.py``; a wrapper
+of other families: in ``QUANTIZERS``). Families compose by class: nothing here is re-entered lazily.
 """
 
 from __future__ import annotations
 
 from torch import nn
 
-from .base import CodebookQuantizer, CodebookUsage, QuantizerOutput, nearest_code
+from .base import CodebookQuantizer, CodebookUsage, QuantizerOutput, nearest_code, recorded
 from .bridge import FVQQuantizer, VQBridge
+from .families import CODEBOOK_FAMILIES
 from .multiscale import MultiScaleQuantizer
 from .plain import VectorQuantizer
 from .projected import LCQuantizer, SimVQQuantizer
 from .residual import ResidualQuantizer
 
+# Single-codebook families (families.py), then the wrappers that compose any of them.
 QUANTIZERS: dict[str, type[nn.Module]] = {
-    "vq": VectorQuantizer,
-    "simvq": SimVQQuantizer,
-    "lc": LCQuantizer,
-    "fvq": FVQQuantizer,
+    **CODEBOOK_FAMILIES,
     "residual": ResidualQuantizer,
     "multiscale": MultiScaleQuantizer,
 }
@@ -35,9 +35,7 @@ def build_quantizer(name: str, **config) -> nn.Module:
         quantizer = QUANTIZERS[name](**config)
     except TypeError as error:
         raise TypeError(f"bad settings for quantizer {name!r}: {error}") from None
-    quantizer.build_name = name
-    quantizer.build_config = dict(config)
-    return quantizer
+    return recorded(quantizer, name, config)
 
 
 __all__ = [

@@ -214,18 +214,21 @@ class CodebookQuantizer(nn.Module):
         check_indices(indices, self.codebook_size)
         return F.embedding(indices.long(), self.codebook()).permute(0, 3, 1, 2)
 
-    def export_plain(self) -> "CodebookQuantizer":
-        """A plain ``vq`` quantizer holding ``codebook()`` as its table (no projector)."""
-        from . import build_quantizer
-
-        plain = build_quantizer("vq", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
-                                **self.common_config())
-        with torch.no_grad():
-            plain.embedding.weight.copy_(self.codebook())
-        return plain.to(self.codebook().device)
+    def export_plain(self) -> CodebookQuantizer:
+        """A plain ``vq`` quantizer holding ``codebook()`` as its table (no projector); every family
+        defines it (the mapped ones with ``plain.plain_copy``)."""
+        raise NotImplementedError(f"{type(self).__name__} does not define export_plain()")
 
     def extra_repr(self) -> str:
         return f"codebook_size={self.codebook_size}, codebook_dim={self.codebook_dim}, l2_norm={self.l2_norm}"
+
+
+def recorded(quantizer: nn.Module, name: str, config: dict) -> nn.Module:
+    """``quantizer`` with the family ``name`` and ``config`` it was built from, so that a model can
+    write them into its config (``FVQModel.export_plain``)."""
+    quantizer.build_name = name
+    quantizer.build_config = dict(config)
+    return quantizer
 
 
 def check_indices(indices: torch.Tensor, codebook_size: int) -> None:
@@ -254,7 +257,7 @@ class CodebookUsage:
         check_indices(flat, self.codebook_size)
         self.counts += torch.bincount(flat, minlength=self.codebook_size)
 
-    def all_reduce(self) -> "CodebookUsage":
+    def all_reduce(self) -> CodebookUsage:
         sum_over_processes(self.counts)
         return self
 

@@ -20,7 +20,7 @@ from torch import nn
 
 from ...distributed import sum_over_processes
 from .base import CodebookQuantizer
-
+from .plain import plain_copy
 
 GROUP_SIZES = (64, 16, 4, 1)  # P x P patches, P = 8, 4, 2, 1
 
@@ -127,7 +127,8 @@ class VQBridge(nn.Module):
         self.group_size, self.layout = group_size, layout
         self.patch_size = math.isqrt(group_size)
         if layout == "square" and self.patch_size**2 != group_size:
-            raise ValueError(f"layout='square' needs group_size = P^2 (P x P patches), got {group_size}; use 16, 64, ...")
+            raise ValueError(f"layout='square' needs group_size = P^2 (P x P patches), got {group_size}; "
+                             "use 16, 64, ...")
         self.compress = nn.Linear(group_size * codebook_dim, width)
         self.blocks = nn.ModuleList(BridgeBlock(width, num_heads, mlp_ratio, norm_affine) for _ in range(depth))
         self.norm = nn.LayerNorm(width, elementwise_affine=norm_affine, eps=1e-6)
@@ -300,6 +301,8 @@ class FVQQuantizer(CodebookQuantizer):
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.bridge(self.base_codebook.weight))
+
+    export_plain = plain_copy
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", group_size={self.group_size}, layout={self.layout!r}"

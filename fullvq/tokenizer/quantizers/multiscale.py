@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .base import QuantizerOutput, check_latents, straight_through
+from .base import QuantizerOutput, check_latents, recorded, straight_through
+from .families import CODEBOOK_FAMILIES, build_codebook_quantizer
 
 DEFAULT_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
@@ -37,19 +38,19 @@ class MultiScaleQuantizer(nn.Module):
                  scales: tuple[int, ...] | list[int] = DEFAULT_SCALES, num_phi: int = 4, phi_ratio: float = 0.5,
                  **base_kwargs):
         super().__init__()
-        from . import build_quantizer
-
-        if base in ("residual", "multiscale"):
-            raise ValueError(f"multiscale quantizer needs a single-codebook base, got base={base!r}; use vq, simvq, lc or fvq")
+        if base not in CODEBOOK_FAMILIES:
+            raise ValueError(f"multiscale quantizer needs a single-codebook base, got base={base!r}; "
+                             f"use one of {', '.join(CODEBOOK_FAMILIES)}")
         if base_kwargs.get("l2_norm"):
             raise ValueError("l2_norm=True does not compose with multi-scale residuals; drop l2_norm")
         scales = tuple(int(s) for s in scales)
-        if not scales or any(b <= a for a, b in zip(scales, scales[1:])) or scales[0] < 1:
+        if not scales or any(b <= a for a, b in zip(scales, scales[1:], strict=False)) or scales[0] < 1:
             raise ValueError(f"scales must be increasing positive side lengths, got {scales}")
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
         self.scales = scales
-        self.quantizer = build_quantizer(base, codebook_size=codebook_size, codebook_dim=codebook_dim, **base_kwargs)
+        self.quantizer = build_codebook_quantizer(base, codebook_size=codebook_size, codebook_dim=codebook_dim,
+                                                  **base_kwargs)
         self.phi = nn.ModuleList(Phi(codebook_dim, phi_ratio) for _ in range(num_phi))
 
     def _refine(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
@@ -112,16 +113,14 @@ class MultiScaleQuantizer(nn.Module):
         parts = torch.split(indices, lengths, dim=1)
         return sum(
             self._refine(i, self._upsample(self.quantizer.lookup(part.reshape(-1, s, s)), side))
-            for i, (s, part) in enumerate(zip(self.scales, parts))
+            for i, (s, part) in enumerate(zip(self.scales, parts, strict=True))
         )
 
-    def export_plain(self) -> "MultiScaleQuantizer":
-        from . import build_quantizer
-
-        plain = build_quantizer("multiscale", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
-                                base="vq", scales=list(self.scales), num_phi=len(self.phi),
-                                phi_ratio=self.phi[0].ratio if len(self.phi) else 0.5,
-                                **self.quantizer.common_config())
+    def export_plain(self) -> MultiScaleQuantizer:
+        config = {"codebook_size": self.codebook_size, "codebook_dim": self.codebook_dim, "base": "vq",
+                  "scales": list(self.scales), "num_phi": len(self.phi),
+                  "phi_ratio": self.phi[0].ratio if len(self.phi) else 0.5, **self.quantizer.common_config()}
+        plain = recorded(MultiScaleQuantizer(**config), "multiscale", config)
         plain.quantizer = self.quantizer.export_plain()
         plain.phi.load_state_dict(self.phi.state_dict())
         return plain.to(next(self.parameters()).device)

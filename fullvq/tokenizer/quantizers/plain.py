@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import CodebookQuantizer
+from .base import CodebookQuantizer, recorded
 
 
 class VectorQuantizer(CodebookQuantizer):
@@ -24,11 +24,25 @@ class VectorQuantizer(CodebookQuantizer):
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.embedding.weight)
 
-    def export_plain(self) -> "VectorQuantizer":
-        # Copy the raw table: re-normalising an already normalised one could move codes by an ulp.
-        from . import build_quantizer
+    @classmethod
+    def like(cls, quantizer: CodebookQuantizer) -> VectorQuantizer:
+        """An untrained plain quantizer with ``quantizer``'s size and shared settings."""
+        config = {"codebook_size": quantizer.codebook_size, "codebook_dim": quantizer.codebook_dim,
+                  **quantizer.common_config()}
+        return recorded(cls(**config), "vq", config)
 
-        plain = build_quantizer("vq", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
-                                **self.common_config())
+    def export_plain(self) -> VectorQuantizer:
+        # Copy the raw table: re-normalising an already normalised one could move codes by an ulp.
+        plain = VectorQuantizer.like(self)
         plain.load_state_dict(self.state_dict())
         return plain.to(self.embedding.weight.device)
+
+
+def plain_copy(quantizer: CodebookQuantizer) -> VectorQuantizer:
+    """``export_plain`` of the families that map a table (simvq, lc, fvq): a plain ``vq`` quantizer
+    holding ``quantizer.codebook()`` as its table, with the same indices and codes."""
+    plain = VectorQuantizer.like(quantizer)
+    with torch.no_grad():
+        codebook = quantizer.codebook()
+        plain.embedding.weight.copy_(codebook)
+    return plain.to(codebook.device)

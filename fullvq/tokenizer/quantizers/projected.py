@@ -14,6 +14,7 @@ from torch import nn
 
 from ...io import load_torch_file
 from .base import CodebookQuantizer
+from .plain import plain_copy
 
 
 class SimVQQuantizer(CodebookQuantizer):
@@ -28,6 +29,8 @@ class SimVQQuantizer(CodebookQuantizer):
 
     def codebook(self) -> torch.Tensor:
         return self._normalize(self.codebook_projection(self.frozen_codebook))
+
+    export_plain = plain_copy
 
 
 class LCQuantizer(CodebookQuantizer):
@@ -73,6 +76,8 @@ class LCQuantizer(CodebookQuantizer):
                 )
             self._codebook_checked = True
         return self._normalize(self.codebook_projection(self.frozen_codebook))
+
+    export_plain = plain_copy
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", feature_dim={self.feature_dim}"

@@ -9,7 +9,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import QuantizerOutput, check_latents, straight_through, vq_losses
+from .base import QuantizerOutput, check_latents, recorded, straight_through, vq_losses
+from .families import CODEBOOK_FAMILIES, build_codebook_quantizer
 
 
 class ResidualQuantizer(nn.Module):
@@ -18,10 +19,9 @@ class ResidualQuantizer(nn.Module):
     def __init__(self, codebook_size: int, codebook_dim: int, *, base: str = "vq", num_quantizers: int = 4,
                  **base_kwargs):
         super().__init__()
-        from . import build_quantizer
-
-        if base in ("residual", "multiscale"):
-            raise ValueError(f"residual quantizer needs a single-codebook base, got base={base!r}; use vq, simvq, lc or fvq")
+        if base not in CODEBOOK_FAMILIES:
+            raise ValueError(f"residual quantizer needs a single-codebook base, got base={base!r}; "
+                             f"use one of {', '.join(CODEBOOK_FAMILIES)}")
         if base_kwargs.get("l2_norm"):
             raise ValueError("l2_norm=True does not compose with residual quantization (residuals are not unit "
                              "vectors); drop l2_norm or use a single quantizer")
@@ -30,7 +30,7 @@ class ResidualQuantizer(nn.Module):
         self.codebook_size = codebook_size
         self.codebook_dim = codebook_dim
         self.levels = nn.ModuleList(
-            build_quantizer(base, codebook_size=codebook_size, codebook_dim=codebook_dim, **base_kwargs)
+            build_codebook_quantizer(base, codebook_size=codebook_size, codebook_dim=codebook_dim, **base_kwargs)
             for _ in range(num_quantizers)
         )
 
@@ -66,11 +66,10 @@ class ResidualQuantizer(nn.Module):
             raise ValueError(f"residual indices must be (B, H, W, {len(self.levels)}), got {tuple(indices.shape)}")
         return sum(level.lookup(indices[..., i]) for i, level in enumerate(self.levels))
 
-    def export_plain(self) -> "ResidualQuantizer":
-        from . import build_quantizer
-
+    def export_plain(self) -> ResidualQuantizer:
         plain_levels = [level.export_plain() for level in self.levels]
-        plain = build_quantizer("residual", codebook_size=self.codebook_size, codebook_dim=self.codebook_dim,
-                                base="vq", num_quantizers=len(self.levels), **self.levels[0].common_config())
+        config = {"codebook_size": self.codebook_size, "codebook_dim": self.codebook_dim, "base": "vq",
+                  "num_quantizers": len(self.levels), **self.levels[0].common_config()}
+        plain = recorded(ResidualQuantizer(**config), "residual", config)
         plain.levels = nn.ModuleList(plain_levels)
         return plain
