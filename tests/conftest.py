@@ -37,3 +37,33 @@ def _seed_one_thread_and_fresh_accelerate_state():
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
     PartialState._reset_state()
+
+
+TINY_LABELS = {0: "tench, Tinca tinca", 1: "golden retriever", 2: "crane"}
+
+
+def build_tiny_pipeline(kind: str = "gpt"):
+    """A 3-class pipeline on 32 px images that builds in a second: ``FullVQPipeline`` (``kind="gpt"``,
+    its GPT head randomised so samples depend on label and seed) or ``LatentFlowPipeline`` (``"flow"``)."""
+    from torch import nn
+
+    from fullvq import FVQModel
+    from fullvq.pipelines import FullVQPipeline, LatentFlowPipeline
+
+    torch.manual_seed(0)
+    tokenizer = FVQModel(**TINY_TOKENIZER, quantizer="vq", codebook_size=64, codebook_dim=8).eval()
+    if kind == "flow":
+        from fullvq.generator.latent_flow import build_transformer, sampling_scheduler
+
+        transformer = build_transformer(latent_channels=8, grid_size=8, num_classes=3, patch_size=2, num_layers=2,
+                                        num_attention_heads=2, attention_head_dim=16).eval()
+        pipe = LatentFlowPipeline(tokenizer, transformer, sampling_scheduler("flow"), id2label=TINY_LABELS)
+    else:
+        from fullvq.generator.gpt import FullVQGPT, FullVQGPTConfig
+
+        gpt = FullVQGPT(FullVQGPTConfig(codebook_size=64, num_classes=3, grid_size=8, hidden_size=32,
+                                        num_hidden_layers=2, num_attention_heads=2)).eval()
+        nn.init.normal_(gpt.lm_head.weight, std=0.5)
+        pipe = FullVQPipeline(tokenizer, gpt, id2label=TINY_LABELS)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe

@@ -117,7 +117,7 @@ def test_pipeline_round_trip_keeps_images_statistics_labels_and_scheduler(tmp_pa
                  generator=torch.Generator().manual_seed(0)).images
     pipe.save_pretrained(tmp_path / "pipe")
     index = json.loads((tmp_path / "pipe" / "model_index.json").read_text())
-    assert index["_class_name"] == "LatentFlowPipeline" and index["scheduler"][1] == "DDIMScheduler"
+    assert index["_class_name"] == ["fullvq_classes", "LatentFlowPipeline"] and index["scheduler"][1] == "DDIMScheduler"
     loaded = load_pipeline(tmp_path / "pipe")
     assert isinstance(loaded, LatentFlowPipeline) and isinstance(loaded.scheduler, DDIMScheduler)
     assert loaded.config.latent_std == [2.0] * 8 and loaded.labels == {"ant": 0, "bee": 1, "cat": 2}

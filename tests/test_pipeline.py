@@ -83,9 +83,10 @@ def test_a_hub_id_is_fetched_with_the_component_folders_then_loaded_locally(save
 
 def test_model_index_names_the_component_classes_and_keeps_labels_and_size(saved):
     index = json.loads((saved / "model_index.json").read_text())
-    assert index["_class_name"] == "FullVQPipeline"
-    assert index["tokenizer"] == ["fullvq.tokenizer.modeling", "FVQModel"]
-    assert index["gpt"] == ["fullvq.generator.gpt", "FullVQGPT"]
+    # [module file, class]: the module file lets diffusers' DiffusionPipeline find fullvq's classes.
+    assert index["_class_name"] == ["fullvq_classes", "FullVQPipeline"]
+    assert index["tokenizer"] == ["fullvq_classes", "FVQModel"]
+    assert index["gpt"] == ["fullvq_classes", "FullVQGPT"]
     assert index["id2label"] == {str(key): name for key, name in ID2LABEL.items()}
     assert index["sample_size"] == 32
     assert (saved / "tokenizer" / "config.json").is_file() and (saved / "gpt" / "config.json").is_file()

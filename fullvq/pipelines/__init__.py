@@ -1,7 +1,7 @@
 """Pipelines users load: a folder of components (diffusers' layout) -> images."""
 
 from .autoregressive import FullVQPipeline
-from .base import DOWNLOAD_KWARGS, ClassConditionalPipeline
+from .base import DOWNLOAD_KWARGS, ClassConditionalPipeline, class_name_of
 from .latent_flow import LatentFlowPipeline
 
 __all__ = ["ClassConditionalPipeline", "FullVQPipeline", "LatentFlowPipeline", "load_pipeline"]
@@ -24,7 +24,7 @@ def load_pipeline(path, **kwargs) -> ClassConditionalPipeline:
         raise FileNotFoundError(f"{path} has no model_index.json; pass a folder written by a pipeline's "
                                 "save_pretrained (e.g. <train-generator output_dir>/pipeline)")
     with open(index) as file:
-        name = json.load(file).get("_class_name")
+        name = class_name_of(json.load(file))
     if name not in classes:
         raise ValueError(f"{index} describes a {name}, not one of fullvq's pipelines ({', '.join(classes)})")
     return classes[name].from_pretrained(path, **kwargs)

@@ -1,14 +1,16 @@
-"""What every class-conditional pipeline of fullvq shares: class names, hub loading, outputs.
+"""What every class-conditional pipeline of fullvq shares: class names, folders, hub loading, outputs.
 
 ``FullVQPipeline`` (GPT over token ids) and ``LatentFlowPipeline`` (DiT over latents) differ only in
-how they make a latent grid; label lookup (ids, names, ImageNet synonyms), fetching a hub repo and
-turning decoded images into PIL / numpy / torch outputs live here once.
+how they make a latent grid; label lookup (ids, names, ImageNet synonyms), the folder layout that
+diffusers' own ``DiffusionPipeline.from_pretrained`` loads, fetching a hub repo and turning decoded
+images into PIL / numpy / torch outputs live here once.
 """
 
 from __future__ import annotations
 
 import difflib
 import inspect
+import json
 import os
 from collections.abc import Sequence
 
@@ -26,6 +28,20 @@ DOWNLOAD_KWARGS = ("cache_dir", "revision", "token", "local_files_only", "force_
 MULTI_TOKEN_QUANTIZERS = ("residual", "multiscale")
 
 
+# diffusers' custom-code loading: model_index.json names fullvq's classes as [MODULE_FILE stem, class], and the
+# file (in the folder and in each fullvq component's folder) imports them from the installed fullvq package.
+MODULE_FILE = "fullvq_classes.py"
+_MODULE_TEXT = '''"""Lets diffusers load this folder: DiffusionPipeline.from_pretrained(folder, trust_remote_code=True).
+
+The classes live in the fullvq package (pip install fullvq); this file only names them.
+"""
+try:
+    from fullvq import FullVQGPT, FullVQPipeline, FVQModel, LatentFlowPipeline  # noqa: F401
+except ImportError as error:
+    raise ImportError(f"this folder holds fullvq models; install fullvq to load it ({error})") from error
+'''
+
+
 def _normalise_name(name: str) -> str:
     return " ".join(name.split()).casefold()
 
@@ -38,6 +54,43 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # The settings of this kind of pipeline's sampling, beside guidance_scale (their defaults are
     # those of __call__): what `fullvq sample` and gFID pass on, and refuse for the other kind.
     sampling_settings: tuple[str, ...] = ()
+
+    def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """Write ``model_index.json`` and, beside it and in each fullvq component's folder, the module file
+        through which ``DiffusionPipeline.from_pretrained`` finds fullvq's classes."""
+        folders = [save_directory, *(os.path.join(save_directory, name) for name in self._fullvq_components())]
+        for folder in folders:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, MODULE_FILE), "w") as file:
+                file.write(_MODULE_TEXT)
+        return super().save_config(save_directory, *args, **kwargs)
+
+    def to_json_string(self) -> str:
+        """``model_index.json``'s text: diffusers' own, with fullvq's classes named through ``MODULE_FILE``."""
+        index = json.loads(super().to_json_string())
+        stem = MODULE_FILE.removesuffix(".py")
+        index["_class_name"] = [stem, type(self).__name__]
+        for name in self._fullvq_components():
+            index[name] = [stem, index[name][1]]
+        return json.dumps(index, indent=2, sort_keys=True) + "\n"
+
+    def _fullvq_components(self) -> list[str]:
+        """Components whose class comes from fullvq (diffusers' own schedulers and models need no module file)."""
+        return [name for name in self.components if str(self.config[name][0]).split(".")[0] == "fullvq"]
+
+    @classmethod
+    def load_config(cls, *args, **kwargs):
+        """``model_index.json`` as fullvq reads it: fullvq's classes by their current module, so loading through a
+        fullvq class never runs the folder's module file (and folders written before it existed load too)."""
+        loaded = super().load_config(*args, **kwargs)
+        config = loaded[0] if isinstance(loaded, tuple) else loaded
+        if isinstance(config.get("_class_name"), list):
+            config["_class_name"] = config["_class_name"][-1]
+        for name, value in config.items():
+            if isinstance(value, list) and len(value) == 2 and isinstance(value[0], str) and \
+                    (value[0] == MODULE_FILE.removesuffix(".py") or value[0].split(".")[0] == "fullvq"):
+                config[name] = [_fullvq_class(value[1]).__module__, value[1]]
+        return loaded
 
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs):
@@ -159,6 +212,22 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if not return_dict:
             return (images,)
         return ImagePipelineOutput(images=images)
+
+
+def _fullvq_class(name: str) -> type:
+    import fullvq
+
+    found = getattr(fullvq, name, None)
+    if not isinstance(found, type):
+        raise ValueError(f"model_index.json names a fullvq class {name!r} that this fullvq does not have; "
+                         "upgrade fullvq (pip install -U fullvq)")
+    return found
+
+
+def class_name_of(index: dict) -> str | None:
+    """The pipeline class ``model_index.json`` names, written either way (``"Name"`` or ``[module, "Name"]``)."""
+    name = index.get("_class_name")
+    return name[-1] if isinstance(name, list) else name
 
 
 def check_sample_size(tokenizer, sample_size: int | None) -> int:
