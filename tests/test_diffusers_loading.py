@@ -14,6 +14,7 @@ import pytest
 import torch
 from conftest import build_tiny_pipeline
 
+from fullvq.cards import write_model_card
 from fullvq.pipelines import FullVQPipeline, LatentFlowPipeline, load_pipeline
 from fullvq.pipelines.base import MODULE_FILE
 
@@ -37,6 +38,7 @@ for name, (source, call) in json.loads(sys.argv[1]).items():
     images = pipe(["crane", 0], generator=torch.Generator().manual_seed(0), output_type="np", **call).images
     np.save(f"{sys.argv[2]}/{name}.npy", images)
     loaded[name] = type(pipe).__name__
+exec(sys.argv[4])  # the model card's snippet
 print(json.dumps(loaded))
 """
 
@@ -103,15 +105,16 @@ def test_model_index_names_fullvq_classes_through_a_module_file_in_each_folder(f
 def test_fullvq_loaders_read_new_and_old_folders_without_running_folder_code(pipelines, folders, kind):
     cls = {"gpt": FullVQPipeline, "flow": LatentFlowPipeline}[kind]
     expected = images_of(pipelines[kind], kind)
+    remote_code_before = {name for name in sys.modules if name.startswith("diffusers_modules")}
     for folder in (folders / kind, folders / f"old-{kind}"):
         for loaded in (cls.from_pretrained(folder), load_pipeline(folder)):  # no trust_remote_code: no folder code
             assert type(loaded) is cls
             loaded.set_progress_bar_config(disable=True)
             np.testing.assert_allclose(images_of(loaded, kind), expected, atol=1e-6)
-    assert not [name for name in sys.modules if name.startswith("diffusers_modules")]
+    assert {name for name in sys.modules if name.startswith("diffusers_modules")} == remote_code_before
 
 
-def test_diffusers_alone_loads_local_hub_and_upgraded_old_folders_with_the_same_images(pipelines, folders,
+def test_diffusers_alone_loads_local_hub_and_upgraded_old_folders_and_runs_the_cards_snippet(pipelines, folders,
                                                                                        tmp_path):
     hf_home = tmp_path / "hf"
     fake_hub_cache(folders / "gpt", "someone/fullvq-tiny", hf_home)
@@ -123,13 +126,16 @@ def test_diffusers_alone_loads_local_hub_and_upgraded_old_folders_with_the_same_
                "hub": ("someone/fullvq-tiny", "gpt"), "hub-flow": ("someone/fullvq-tiny-flow", "flow"),
                "upgraded": (upgraded, "gpt")}
     plan = {name: (str(source), CALLS[kind]) for name, (source, kind) in sources.items()}
+    card = write_model_card(folders / "gpt").read_text()
+    snippet = card.split("```python\n")[1].split("```")[0]
     env = {**os.environ, "HF_HOME": str(hf_home), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
            "PYTHONPATH": os.pathsep.join([str(Path(__file__).parents[1]), os.environ.get("PYTHONPATH", "")])}
-    result = subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, json.dumps(plan), str(tmp_path), COMMIT],
-                            env=env, capture_output=True, text=True, timeout=300)
+    result = subprocess.run([sys.executable, "-c", DIFFUSERS_ONLY, json.dumps(plan), str(tmp_path), COMMIT, snippet],
+                            env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     loaded = json.loads(result.stdout.strip().splitlines()[-1])
     assert loaded == {name: {"gpt": "FullVQPipeline", "flow": "LatentFlowPipeline"}[kind]
                       for name, (_, kind) in sources.items()}
+    assert (tmp_path / "sample.png").is_file()  # written by the card's snippet
     for name, (_, kind) in sources.items():
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), images_of(pipelines[kind], kind), atol=1e-6)
