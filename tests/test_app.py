@@ -1,0 +1,120 @@
+"""``fullvq app``: the Gradio page in a real (headless) browser, plus its helpers without one."""
+
+import os
+import shutil
+import socket
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import build_tiny_pipeline
+from PIL import Image
+
+gradio = pytest.importorskip("gradio", reason="the app needs the [app] extra: pip install -e '.[app]'")
+from fullvq.jobs.app import build_app, parse_classes, read_upload, serve, tokenize  # noqa: E402
+
+CHROMIUM = os.environ.get("FULLVQ_CHROMIUM", "/usr/bin/chromium")
+# Offline and quiet: no sandbox (CI runs as root), no GPU, no background calls to the internet.
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+SCREENSHOT = os.environ.get("FULLVQ_APP_SCREENSHOT")  # set to a PNG path to keep a picture of the page
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    return build_tiny_pipeline("gpt")
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("uploads")
+    torch.manual_seed(0)
+    Image.fromarray(torch.randint(0, 256, (48, 40, 3), dtype=torch.uint8).numpy()).save(folder / "photo.png")
+    (folder / "notes.txt").write_text("not an image")
+    Image.new("RGB", (5000, 8)).save(folder / "banner.png")  # a tiny file, but 5,000 px wide
+    return folder
+
+
+def test_typed_names_synonyms_listed_entries_and_ids_pick_classes(pipe):
+    assert parse_classes(pipe, ["tench", "1: golden retriever", "2", "Tinca tinca"]) == [0, 1, 2, 0]
+    with pytest.raises(ValueError, match="unknown class name 'golden retreiver'.*close matches"):
+        parse_classes(pipe, ["golden retreiver"])
+    with pytest.raises(ValueError, match="pick at least one class"):
+        parse_classes(pipe, [])
+
+
+def test_uploads_are_checked_before_decoding_and_tokenized_at_the_models_size(pipe, files):
+    with pytest.raises(ValueError, match="notes.txt is not an image"):
+        read_upload(files / "notes.txt")
+    with pytest.raises(ValueError, match="5000 x 8 px, larger than"):
+        read_upload(files / "banner.png")
+    result = tokenize(pipe.tokenizer, read_upload(files / "photo.png"))
+    assert result["reconstruction"].size == (32, 32) and result["indices"].shape == (8, 8)
+    assert int(result["counts"].sum()) == 64 and result["psnr"] > 0
+
+
+@pytest.fixture
+def page(pipe):
+    """A browser page on the app, served on a free local port; the server stops afterwards."""
+    if not shutil.which(CHROMIUM) and not Path(CHROMIUM).is_file():
+        pytest.skip(f"no Chromium at {CHROMIUM} (CI installs Debian's: apt-get install chromium)")
+    playwright = pytest.importorskip("playwright.sync_api", reason="needs playwright: pip install -e '.[app]'")
+    app = build_app(pipe)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    serve(app, port=port, block=False)
+    try:
+        with playwright.sync_playwright() as driver:
+            browser = driver.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1200, "height": 900})
+            page.set_default_timeout(30_000)
+            page.goto(f"http://127.0.0.1:{port}/")
+            yield page
+            browser.close()
+    finally:
+        app.close()
+
+
+def generate(page, class_name: str, per_class: int):
+    box = page.get_by_label("Classes")
+    box.fill(class_name)
+    box.press("Enter")
+    page.locator("#per-class input[type=number]").fill(str(per_class))
+    page.locator("#per-class input[type=number]").press("Enter")
+    page.get_by_role("button", name="Generate").click()
+
+
+def tokenize_upload(page, path: Path):
+    clear = page.locator("#upload").get_by_label("Clear")
+    if clear.count():  # the file input comes back once the last upload is cleared
+        clear.first.click()
+    page.locator("#upload input[type=file]").set_input_files(str(path))
+    page.get_by_role("button", name="Tokenize").click()
+
+
+def test_the_page_generates_the_grid_and_tokenizes_an_upload_with_messages_for_bad_input(page, files):
+    generate(page, "golden retriever", 3)
+    page.wait_for_function("document.querySelectorAll('#samples img').length === 3")
+    assert page.locator("#generate-message").inner_text().strip() == "3 images"
+    assert "fullvq-samples.png" in page.locator("#grid a").first.get_attribute("href")  # the download
+
+    page.get_by_label("Classes").fill("golden retreiver")
+    page.get_by_label("Classes").press("Enter")
+    page.get_by_role("button", name="Generate").click()
+    page.get_by_text("unknown class name 'golden retreiver'").wait_for()
+
+    page.get_by_role("tab", name="Tokenize").click()
+    tokenize_upload(page, files / "photo.png")
+    page.locator("#reconstruction img").wait_for()
+    page.get_by_text("PSNR").wait_for()
+    assert page.locator("#token-map img").count() == 1
+    if SCREENSHOT:
+        page.get_by_role("tab", name="Generate").click()
+        page.screenshot(path=SCREENSHOT, full_page=True)
+        page.get_by_role("tab", name="Tokenize").click()
+
+    tokenize_upload(page, files / "notes.txt")
+    page.get_by_text("notes.txt is not an image").wait_for()
+    tokenize_upload(page, files / "banner.png")
+    page.get_by_text("larger than the app takes").wait_for()
