@@ -55,6 +55,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
     # those of __call__): what `fullvq sample` and gFID pass on, and refuse for the other kind.
     sampling_settings: tuple[str, ...] = ()
 
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
+        """diffusers' ``save_pretrained``, then the folder's model card (``README.md``, see :mod:`fullvq.cards`);
+        a card already there keeps the run facts a job recorded in it."""
+        from fullvq.cards import write_model_card
+
+        super().save_pretrained(save_directory, *args, **kwargs)
+        write_model_card(save_directory)
+
     def save_config(self, save_directory: str | os.PathLike, *args, **kwargs):
         """Write ``model_index.json`` and, beside it and in each fullvq component's folder, the module file
         through which ``DiffusionPipeline.from_pretrained`` finds fullvq's classes."""
