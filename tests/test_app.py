@@ -11,7 +11,7 @@ from conftest import build_tiny_pipeline
 from PIL import Image
 
 gradio = pytest.importorskip("gradio", reason="the app needs the [app] extra: pip install -e '.[app]'")
-from fullvq.jobs.app import build_app, parse_classes, read_upload, serve, tokenize  # noqa: E402
+from fullvq.jobs.app import build_app, generate, parse_classes, read_upload, serve, tokenize  # noqa: E402
 
 CHROMIUM = os.environ.get("FULLVQ_CHROMIUM", "/usr/bin/chromium")
 # Offline and quiet: no sandbox (CI runs as root), no GPU, no background calls to the internet.
@@ -41,6 +41,16 @@ def test_typed_names_synonyms_listed_entries_and_ids_pick_classes(pipe):
         parse_classes(pipe, ["golden retreiver"])
     with pytest.raises(ValueError, match="pick at least one class"):
         parse_classes(pipe, [])
+
+
+def test_a_flow_pipeline_takes_steps_and_snapping_and_ignores_gpt_settings(tmp_path):
+    flow = build_tiny_pipeline("flow")
+    images, grid = generate(flow, ["crane", "0"], 2, 0, tmp_path, guidance_scale=2.0, num_inference_steps=2,
+                            snap_to_codebook=True, temperature=0.5, top_k=3, top_p=0.9)
+    assert len(images) == 4 and images[0].size == (32, 32)
+    assert Image.open(grid).size[1] > 2 * 32  # a row per class
+    with pytest.raises(ValueError, match="over the 64 images"):
+        generate(flow, ["crane", "tench"], 40, 0, tmp_path)
 
 
 def test_uploads_are_checked_before_decoding_and_tokenized_at_the_models_size(pipe, files):
@@ -76,7 +86,7 @@ def page(pipe):
         app.close()
 
 
-def generate(page, class_name: str, per_class: int):
+def generate_in_page(page, class_name: str, per_class: int):
     box = page.get_by_label("Classes")
     box.fill(class_name)
     box.press("Enter")
@@ -94,7 +104,7 @@ def tokenize_upload(page, path: Path):
 
 
 def test_the_page_generates_the_grid_and_tokenizes_an_upload_with_messages_for_bad_input(page, files):
-    generate(page, "golden retriever", 3)
+    generate_in_page(page, "golden retriever", 3)
     page.wait_for_function("document.querySelectorAll('#samples img').length === 3")
     assert page.locator("#generate-message").inner_text().strip() == "3 images"
     assert "fullvq-samples.png" in page.locator("#grid a").first.get_attribute("href")  # the download
