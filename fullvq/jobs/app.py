@@ -18,7 +18,7 @@ from PIL import Image
 
 MAX_SIDE = 4096  # a larger upload is refused (the tokenizer sees a centre crop at its own size anyway)
 MAX_IMAGES = 64  # images per generate click
-TOKEN_MAP_SIDE = 256  # the token grid is shown scaled up to about this many pixels
+DISPLAY_SIDE = 256  # small images and the token grid are shown scaled up to about this many pixels
 
 
 def load_models(path: str | os.PathLike, device: str = "cpu"):
@@ -132,9 +132,13 @@ def token_map(indices: torch.Tensor, codebook_size: int) -> Image.Image:
     import matplotlib
 
     colours = matplotlib.colormaps["turbo"](indices.numpy() / max(codebook_size - 1, 1))[..., :3]
-    scale = max(1, TOKEN_MAP_SIDE // max(indices.shape))
-    cells = np.kron((colours * 255).round().astype(np.uint8), np.ones((scale, scale, 1), dtype=np.uint8))
-    return Image.fromarray(cells)
+    return enlarge(Image.fromarray((colours * 255).round().astype(np.uint8)))
+
+
+def enlarge(image: Image.Image) -> Image.Image:
+    """``image`` scaled up by a whole factor (pixels kept sharp) to about ``DISPLAY_SIDE``; large ones as they are."""
+    scale = max(1, DISPLAY_SIDE // max(image.size))
+    return image.resize((image.width * scale, image.height * scale), Image.NEAREST) if scale > 1 else image
 
 
 def frequency_plot(counts: torch.Tensor):
@@ -219,9 +223,9 @@ def _tokenize_tab(gr, tokenizer) -> None:
         button = gr.Button("Tokenize", variant="primary")
         message = gr.Markdown(elem_id="tokenize-message")
         with gr.Row():
-            original = gr.Image(label="Input (as the tokenizer sees it)", elem_id="original")
-            reconstruction = gr.Image(label="Reconstruction", elem_id="reconstruction")
-            tokens = gr.Image(label="Token grid (colour = code id)", elem_id="token-map")
+            original = gr.Image(label="Input (as the tokenizer sees it)", elem_id="original", height=320)
+            reconstruction = gr.Image(label="Reconstruction", elem_id="reconstruction", height=320)
+            tokens = gr.Image(label="Token grid (colour = code id)", elem_id="token-map", height=320)
         frequency = gr.Plot(label="Code frequency in this image")
 
         def run(path):
@@ -232,7 +236,7 @@ def _tokenize_tab(gr, tokenizer) -> None:
             height, width = result["indices"].shape
             text = (f"PSNR {result['psnr']:.2f} dB; {height} x {width} tokens, "
                     f"{int((result['counts'] > 0).sum())} distinct codes")
-            return (result["original"], result["reconstruction"], result["token_map"],
+            return (enlarge(result["original"]), enlarge(result["reconstruction"]), result["token_map"],
                     frequency_plot(result["counts"]), text)
 
         button.click(run, [upload], [original, reconstruction, tokens, frequency, message])
