@@ -20,6 +20,8 @@ from pathlib import Path
 
 import yaml
 
+from .io import write_text
+
 CARD_NAME = "README.md"
 FACTS_KEY = "fullvq"
 DEFAULT_LICENSE = "apache-2.0"
@@ -46,6 +48,12 @@ def command_line(argv: list[str] | None = None) -> str:
     if argv and Path(argv[0]).name in ("fullvq", "cli.py", "__main__.py"):
         argv = ["fullvq", *argv[1:]]
     return shlex.join(argv)
+
+
+def usage_figures(usage) -> dict:
+    """A ``CodebookUsage``'s counts as a card's metrics (usage in percent, perplexity, dead codes, tokens)."""
+    return {"codebook_usage_percent": 100 * float(usage.usage), "perplexity": float(usage.perplexity),
+            "dead_codes": int(usage.dead_codes), "tokens": int(usage.total)}
 
 
 def describe_folder(folder: str | os.PathLike) -> dict:
@@ -146,11 +154,22 @@ def write_model_card(folder: str | os.PathLike, *, command: str | None = None, r
         eval_results=results or None, **{FACTS_KEY: _plain(facts)},
     )
     text = f"---\n{card_data.to_yaml()}\n---\n\n{_body(folder, described, facts)}"
-    path = folder / CARD_NAME
-    staging = path.with_name(f".{CARD_NAME}.tmp")
-    staging.write_text(text)
-    os.replace(staging, path)  # readers never see half a card
-    return path
+    return write_text(folder / CARD_NAME, text)
+
+
+def add_report_to_card(evaluated, report: dict) -> Path | None:
+    """After ``eval``: rewrite the evaluated folder's card with the report's figures. ``evaluated`` is what
+    was evaluated (a folder path, or a hub id or in-memory model, which are left alone). Returns the card's path,
+    or None when there was no local folder to update or it could not be written (a warning says why)."""
+    import warnings
+
+    if not isinstance(evaluated, (str, os.PathLike)) or not Path(evaluated).is_dir():
+        return None
+    try:
+        return write_model_card(evaluated, report=report)
+    except (OSError, ValueError) as error:  # a read-only or foreign folder must not fail a finished evaluation
+        warnings.warn(f"the model card of {evaluated} was not updated: {error}", stacklevel=2)
+        return None
 
 
 def _body(folder: Path, described: dict, facts: dict) -> str:
@@ -174,7 +193,7 @@ def _body(folder: Path, described: dict, facts: dict) -> str:
     lines += ["## How it was made", ""]
     lines += [f"- data: {facts['data']}" if facts.get("data") else "- data: not recorded"]
     if facts.get("source"):
-        lines.append(f"- converted from: {facts['source']}")
+        lines.append(f"- converted from: {facts['source']}; the original release's license terms apply to the weights")
     if facts.get("command"):
         lines += ["- command:", "", "```bash", facts["command"], "```"]
     if facts.get("recipe"):
@@ -371,4 +390,4 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is missing; the folder is incomplete (re-save it with save_pretrained)") from None
 
 
-__all__ = ["CARD_NAME", "command_line", "describe_folder", "read_card_facts", "write_model_card"]
+__all__ = ["CARD_NAME", "add_report_to_card", "command_line", "describe_folder", "read_card_facts", "usage_figures", "write_model_card"]

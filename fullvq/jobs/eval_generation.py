@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from ..cards import add_report_to_card
 from ..distributed import process_state
 from ..eval.features import InceptionExtractor, extract_features
 from ..eval.image_sets import ImageFiles
@@ -177,6 +178,7 @@ def evaluate_generation(
     state, started = process_state(), time.time()
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
+    evaluated = pipeline  # a local folder's model card gets the figures at the end
     report = start_report(report_path, "generation", state.is_main_process, pipeline=name_of(pipeline),
                           reference=str(reference))
     metric_settings = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
@@ -232,6 +234,7 @@ def evaluate_generation(
         if note:
             report["note"] = note
         write_report(report_path, report)
+        add_report_to_card(evaluated, report)
         return report
 
 

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
 from ..data import build_dataset
+from ..cards import add_report_to_card
 from ..distributed import gather_in_order, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
@@ -82,6 +83,7 @@ def evaluate_reconstruction(
     state, started = process_state(), time.time()
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
+    evaluated = tokenizer  # a local folder's model card gets the figures at the end
     report = start_report(report_path, "reconstruction", state.is_main_process, tokenizer=name_of(tokenizer),
                           data=name_of(data), split=split)
     with report_failures(report_path, report, state.is_main_process):
@@ -119,6 +121,7 @@ def evaluate_reconstruction(
             files={"report": str(report_path), "grid": str(grid_path), "histogram": str(histogram_path)},
         )
         write_report(report_path, report)
+        add_report_to_card(evaluated, report)
         return report
 
 

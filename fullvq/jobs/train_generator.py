@@ -203,7 +203,26 @@ def train_generator(config: GeneratorTrainConfig) -> dict:
         make_stage = lambda t: LatentFlowStage(t, config, tokenizer, cache, codebook, statistics,  # noqa: E731
                                                num_classes)
     trainer = Trainer(config.train, make_stage, dataset, full_config=config)
-    return trainer.fit()
+    summary = trainer.fit()
+    if trainer.is_main:
+        write_cards(config, cache, trainer.output_dir)
+    return summary
+
+
+def write_cards(config: GeneratorTrainConfig, cache: TokenCache, output_dir: Path) -> None:
+    """Model cards for ``pipeline/`` (and a GPT's ``model/``): command, recipe, data, and the tokenizer's
+    measured usage read from the tokenizer's own card."""
+    from ..cards import command_line, read_card_facts, write_model_card
+    from ..config import to_dict
+
+    facts = dict(command=command_line(), recipe=to_dict(config),
+                 data=f"{cache.info.get('source')} (tokens: {config.tokens})")
+    tokenizer = cache.info.get("tokenizer")
+    measured = (read_card_facts(tokenizer).get("metrics") or {}) if tokenizer else {}
+    usage = {f"tokenizer {name}": figures for name, figures in measured.items()}
+    write_model_card(output_dir / "pipeline", metrics=usage or None, **facts)
+    if config.head == "gpt":
+        write_model_card(output_dir / "model", **facts)
 
 
 __all__ = [

@@ -164,7 +164,14 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     dataset = build_dataset(data.source, resolution=data.resolution, train=True, split=data.split,
                             streaming=data.streaming, image_column=data.image_column, label_column=data.label_column)
     trainer = Trainer(config.train, lambda t: TokenizerStage(t, config, dataset), dataset, full_config=config)
-    return trainer.fit()
+    summary = trainer.fit()
+    if trainer.is_main:  # the card reads the recipe from model/train_config.yaml
+        from ..cards import command_line, usage_figures, write_model_card
+
+        usage = trainer.stage.last_usage
+        write_model_card(trainer.output_dir / "model", command=command_line(), data=str(data.source),
+                         metrics={"training, last log window": usage_figures(usage)} if usage is not None else None)
+    return summary
 
 
 __all__ = ["DataConfig", "TokenizerTrainSettings", "TokenizerTrainConfig", "TokenizerStage", "train_tokenizer"]

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ...cards import command_line, write_model_card
 from ...io import atomic_folder
 from ...pipelines.autoregressive import FullVQPipeline
 from ...tokenizer.modeling import FVQModel
@@ -84,11 +85,12 @@ def convert_checkpoint(
     bridge = {"bridge_heads": bridge_heads, "bridge_class": bridge_class}
     state, where = load_checkpoint(checkpoint, weights)
     log(f"read {len(state)} tensors from {checkpoint} ({_where(where)})")
+    origin = f"{source} checkpoint {Path(checkpoint).name}"
     if source != "llamagen-gpt":
         conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm, bridge)
         _report(conversion, log)
         model = conversion.model.to(dtype)
-        _save(model, out, overwrite)
+        _save(model, out, overwrite, origin)
         log(f"wrote FVQModel ({model.config.quantizer}, {model.config.codebook_size} x {model.config.codebook_dim}) "
             f"to {out}")
         return out
@@ -106,20 +108,23 @@ def convert_checkpoint(
     _report(conversion, log)
     gpt = conversion.model.to(dtype)
     if tokenizer is None:
-        _save(gpt, out, overwrite)
+        _save(gpt, out, overwrite, origin)
         log(f"wrote FullVQGPT ({gpt.config.num_hidden_layers} layers, width {gpt.config.hidden_size}, grid "
             f"{gpt.config.grid_size}) to {out}")
         return out
-    _save_pipeline(tokenizer.to(dtype), gpt, out, overwrite, log)
+    origin += f" + tokenizer {Path(tokenizer_checkpoint).name}"
+    _save_pipeline(tokenizer.to(dtype), gpt, out, overwrite, log, origin)
     return out
 
 
-def _save(model, out: Path, overwrite: bool) -> None:
+def _save(model, out: Path, overwrite: bool, origin: str) -> None:
+    """``model.save_pretrained`` into ``out`` (all at once), then its model card naming what it came from."""
     with atomic_folder(out, overwrite=overwrite, hint=_EXISTS_HINT) as staging:
         model.save_pretrained(staging)
+    write_model_card(out, command=command_line(), source=origin, license="other")
 
 
-def _save_pipeline(tokenizer: FVQModel, gpt, out: Path, overwrite: bool, log) -> None:
+def _save_pipeline(tokenizer: FVQModel, gpt, out: Path, overwrite: bool, log, origin: str) -> None:
     """Tokenizer + GPT as one ``FullVQPipeline`` folder, with ImageNet's names for 1000 classes."""
     id2label = imagenet_id2label() if gpt.config.num_classes == 1000 else None
     if id2label is None:
@@ -128,7 +133,7 @@ def _save_pipeline(tokenizer: FVQModel, gpt, out: Path, overwrite: bool, log) ->
         pipeline = FullVQPipeline(tokenizer=tokenizer, gpt=gpt, id2label=id2label)
     except ValueError as error:
         raise ConversionError(f"the GPT and the tokenizer do not fit together: {error}") from None
-    _save(pipeline, out, overwrite)
+    _save(pipeline, out, overwrite, origin)
     log(f"wrote FullVQPipeline (tokenizer + GPT{' + ImageNet id2label' if id2label else ''}) to {out}")
 
 
