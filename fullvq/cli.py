@@ -23,6 +23,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("fullvq.commands.sample", "generate images from a pipeline folder"),
     "eval": ("fullvq.commands.eval", "rFID / gFID and reconstruction metrics, offline-capable"),
     "convert": ("fullvq.commands.convert", "convert LlamaGen / FVQ / VQGAN-LC checkpoints into fullvq folders"),
+    "app": ("fullvq.commands.app", "a web page (Gradio) to generate images and tokenize uploads with a model folder"),
 }
 
 

@@ -128,3 +128,10 @@ def test_the_page_generates_the_grid_and_tokenizes_an_upload_with_messages_for_b
     page.get_by_text("notes.txt is not an image").wait_for()
     tokenize_upload(page, files / "banner.png")
     page.get_by_text("larger than the app takes").wait_for()
+
+
+def test_the_app_command_refuses_a_missing_folder_before_loading_anything(capsys):
+    from fullvq.cli import main
+
+    assert main(["app", "no/such/folder"]) == 2
+    assert "no/such/folder is not a folder" in capsys.readouterr().err

@@ -111,3 +111,12 @@ def test_a_folder_without_a_fullvq_model_is_refused_by_name(tmp_path):
 def test_command_line_reads_as_typed():
     assert command_line(["/venv/bin/fullvq", "eval", "rfid", "--data", "my images"]) == \
         "fullvq eval rfid --data 'my images'"
+
+
+def test_eval_updates_only_a_local_folders_card_and_never_fails_a_finished_evaluation(tokenizer_folder, tmp_path):
+    from fullvq.cards import add_report_to_card
+
+    assert add_report_to_card("someone/hub-model", rfid_report(3.0, 90.0)) is None  # a hub id: left alone
+    assert add_report_to_card(tokenizer_folder, rfid_report(3.0, 90.0)) == tokenizer_folder / "README.md"
+    with pytest.warns(UserWarning, match="was not updated"):
+        assert add_report_to_card(tmp_path, rfid_report(3.0, 90.0)) is None  # no fullvq model there

