@@ -74,7 +74,8 @@ def describe_folder(folder: str | os.PathLike) -> dict:
             config = _read_json(folder / "transformer" / "config.json")
             scheduler = _read_json(folder / "scheduler" / "scheduler_config.json")
             facts["generator"] = {"kind": "transformer", "class": config.get("_class_name"),
-                                  "num_layers": config.get("num_layers"), "num_classes": config.get("num_embeds_ada_norm"),
+                                  "num_layers": config.get("num_layers"),
+                                  "num_classes": config.get("num_embeds_ada_norm"),
                                   "width": config.get("num_attention_heads", 0) * config.get("attention_head_dim", 0),
                                   "scheduler": scheduler.get("_class_name"),
                                   "parameters": _parameter_count(folder / "transformer")}
@@ -111,7 +112,7 @@ def read_card_facts(folder: str | os.PathLike) -> dict:
 def write_model_card(folder: str | os.PathLike, *, command: str | None = None, recipe: dict | None = None,
                      data: str | None = None, metrics: dict | None = None, report: dict | None = None,
                      source: str | None = None, license: str | None = None, repo_id: str | None = None) -> Path:
-    """Write (or rewrite) ``folder/README.md``: Hub metadata, architecture, codebook, recipe, metrics, a loading snippet.
+    """Write (or rewrite) ``folder/README.md``: Hub metadata, architecture, codebook, recipe, metrics, a snippet.
 
     Args:
         folder: a pipeline, tokenizer or GPT folder fullvq wrote.
@@ -211,7 +212,8 @@ def _headline(described: dict) -> str:
         return (f"{described['quantizer'].upper()} image tokenizer: {described['codebook_size']:,} codes, "
                 f"{described['sample_size']} px -> {described['grid']} x {described['grid']} tokens")
     if kind == "gpt":
-        return f"Class-conditional GPT over {described['codebook_size']:,} image codes ({described['num_classes']} classes)"
+        return (f"Class-conditional GPT over {described['codebook_size']:,} image codes "
+                f"({described['num_classes']} classes)")
     generator = "GPT" if described["generator"]["kind"] == "gpt" else "DiT"
     tokenizer = described["tokenizer"]
     return (f"Class-conditional image generation: {generator} + {tokenizer['quantizer'].upper()} tokenizer "
@@ -235,9 +237,11 @@ def _snippet(described: dict, where: str) -> str:
             "```python", "import torch", "from diffusers import DiffusionPipeline", "",
             f"# trust_remote_code: this folder's fullvq_classes.py imports the classes from fullvq",
             f"pipe = DiffusionPipeline.from_pretrained({where!r}, trust_remote_code=True)",
-            f"images = pipe(class_labels={labels}, guidance_scale=4.0, generator=torch.Generator().manual_seed(0)).images",
+            f"images = pipe(class_labels={labels}, guidance_scale=4.0,",
+            "              generator=torch.Generator().manual_seed(0)).images",
             "images[0].save(\"sample.png\")", "```", "",
-            f"Or with fullvq's own loader: `from fullvq.pipelines import load_pipeline; pipe = load_pipeline({where!r})`."])
+            "Or with fullvq's own loader: "
+            f"`from fullvq.pipelines import load_pipeline; pipe = load_pipeline({where!r})`."])
     if kind == "tokenizer":
         size = described["sample_size"]
         return "\n".join([
@@ -263,11 +267,12 @@ def _architecture(described: dict) -> list[str]:
                 ("classes", f"{len(described['id2label']) or 'ids only (no id2label)'}")]
         generator = described["generator"]
         if generator["kind"] == "gpt":
-            rows += [("generator", f"FullVQGPT, {generator['num_hidden_layers']} layers x {generator['hidden_size']} wide, "
-                                   f"{_count(generator['parameters'])} parameters")]
+            rows += [("generator", f"FullVQGPT, {generator['num_hidden_layers']} layers x "
+                                   f"{generator['hidden_size']} wide, {_count(generator['parameters'])} parameters")]
         else:
-            rows += [("generator", f"{generator['class']}, {generator['num_layers']} layers x {generator['width']} wide, "
-                                   f"{_count(generator['parameters'])} parameters; scheduler {generator['scheduler']}")]
+            rows += [("generator", f"{generator['class']}, {generator['num_layers']} layers x {generator['width']} "
+                                   f"wide, {_count(generator['parameters'])} parameters; "
+                                   f"scheduler {generator['scheduler']}")]
         tokenizer = described["tokenizer"]
         rows += [("tokenizer", f"{tokenizer['quantizer']}, {tokenizer['grid']} x {tokenizer['grid']} tokens, "
                                f"{_count(tokenizer['parameters'])} parameters")]
@@ -390,4 +395,5 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is missing; the folder is incomplete (re-save it with save_pretrained)") from None
 
 
-__all__ = ["CARD_NAME", "add_report_to_card", "command_line", "describe_folder", "read_card_facts", "usage_figures", "write_model_card"]
+__all__ = ["CARD_NAME", "add_report_to_card", "command_line", "describe_folder", "read_card_facts", "usage_figures",
+           "write_model_card"]
