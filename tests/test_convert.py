@@ -727,3 +727,15 @@ def test_a_failed_write_leaves_no_folder_and_an_existing_one_needs_overwrite(tmp
     assert main(args + ["--overwrite", "--no-l2-norm"]) == 0
     assert not FVQModel.from_pretrained(out).quantize.l2_norm
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tok", "vq.pt"]
+
+
+def test_a_converted_folder_carries_a_card_naming_its_source(tmp_path):
+    import yaml
+
+    gpt = save(tmp_path / "c2i_B_256.pt", {"model": llamagen_gpt_state(n_layer=1)})
+    assert main(["convert", "--from", "llamagen-gpt", gpt, "--out", str(tmp_path / "gpt"),
+                 "--num-heads", str(GPT_HEADS)]) == 0
+    card = (tmp_path / "gpt" / "README.md").read_text()
+    meta = yaml.safe_load(card.split("---\n")[1])
+    assert meta["license"] == "other" and meta["fullvq"]["source"] == "llamagen-gpt checkpoint c2i_B_256.pt"
+    assert "converted from llamagen-gpt checkpoint c2i_B_256.pt" in card
