@@ -53,6 +53,18 @@ def test_a_flow_pipeline_takes_steps_and_snapping_and_ignores_gpt_settings(tmp_p
         generate(flow, ["crane", "tench"], 40, 0, tmp_path)
 
 
+def test_a_tokenizer_folder_gets_the_tokenize_tab_only(pipe, tmp_path):
+    from fullvq.jobs.app import load_models
+
+    pipe.tokenizer.save_pretrained(tmp_path / "model")
+    pipeline, tokenizer = load_models(tmp_path / "model")
+    assert pipeline is None and tokenizer.config.codebook_size == 64
+    tabs = [block.label for block in build_app(tokenizer=tokenizer).blocks.values() if type(block).__name__ == "Tab"]
+    assert tabs == ["Tokenize"]
+    with pytest.raises(ValueError, match="neither a pipeline folder"):
+        load_models(tmp_path)
+
+
 def test_uploads_are_checked_before_decoding_and_tokenized_at_the_models_size(pipe, files):
     with pytest.raises(ValueError, match="notes.txt is not an image"):
         read_upload(files / "notes.txt")
