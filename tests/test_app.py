@@ -43,6 +43,24 @@ def test_typed_names_synonyms_listed_entries_and_ids_pick_classes(pipe):
         parse_classes(pipe, [])
 
 
+def test_sampling_reports_progress_token_by_token_so_the_page_can_show_it(pipe):
+    seen = []
+
+    def progress(steps):
+        for step in steps:
+            seen.append(step)
+            yield step
+
+    pipe.set_progress_bar_config(disable=True)
+    original = pipe.progress_bar
+    pipe.progress_bar = progress
+    try:
+        pipe([0, 1], generator=torch.Generator().manual_seed(0), output_type="pt")
+    finally:
+        pipe.progress_bar = original
+    assert seen == list(range(64))  # one step per token of the 8 x 8 grid
+
+
 def test_a_flow_pipeline_takes_steps_and_snapping_and_ignores_gpt_settings(tmp_path):
     flow = build_tiny_pipeline("flow")
     images, grid = generate(flow, ["crane", "0"], 2, 0, tmp_path, guidance_scale=2.0, num_inference_steps=2,

@@ -72,6 +72,7 @@ def sample(
     top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    progress=None,
 ) -> torch.LongTensor:
     """Sample one token grid per class label.
 
@@ -85,6 +86,7 @@ def sample(
         generator: a ``torch.Generator`` for reproducible draws (on any device).
         use_cache: decode one token per step with a KV cache; ``False`` recomputes the whole sequence
             each step (slower, same tokens).
+        progress: wraps the token steps to show progress (e.g. a pipeline's ``progress_bar``).
 
     Returns:
         (B, h * w) long token ids in raster order; ``.view(B, h, w)`` gives the grid.
@@ -107,12 +109,12 @@ def sample(
     model.eval()
     try:
         return _decode(model, labels.long(), scales if guidance_scale != 1 else None, processor, temperature,
-                       generator, use_cache)
+                       generator, use_cache, progress)
     finally:
         model.train(was_training)
 
 
-def _decode(model, labels, scales, processor, temperature, generator, use_cache) -> torch.LongTensor:
+def _decode(model, labels, scales, processor, temperature, generator, use_cache, progress=None) -> torch.LongTensor:
     """The decoding loop; ``scales`` (one per token) turns on classifier-free guidance, ``None`` = off."""
     batch_size, num_tokens = len(labels), model.config.num_image_tokens
     guided = scales is not None
@@ -121,7 +123,8 @@ def _decode(model, labels, scales, processor, temperature, generator, use_cache)
         labels = torch.cat([labels, torch.full_like(labels, model.config.null_class)])
     tokens = labels.new_empty(batch_size, 0)
     cache = None
-    for step in range(num_tokens):
+    steps = range(num_tokens)
+    for step in (progress(steps) if progress else steps):
         if not use_cache:
             rows = tokens.repeat(2, 1) if guided else tokens  # both halves see the same tokens
             logits = model(input_ids=rows, class_labels=labels).logits[:, -1]

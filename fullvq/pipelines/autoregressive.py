@@ -90,7 +90,7 @@ class FullVQPipeline(ClassConditionalPipeline):
         batches = self._check_call(class_labels, num_images_per_label, batch_size, output_type, generator)
         height, width = self.gpt.config.grid_size
         decoded = []
-        for batch in self.progress_bar(batches):
+        for batch in batches:  # a bar over each batch's tokens, as the flow pipeline's over its steps
             tokens = sample(
                 self.gpt,
                 torch.tensor(batch, device=self.gpt.device),
@@ -100,6 +100,7 @@ class FullVQPipeline(ClassConditionalPipeline):
                 top_k=top_k,
                 top_p=top_p,
                 generator=generator,
+                progress=self.progress_bar,
             )
             decoded.append(self.tokenizer.decode_indices(tokens.view(len(batch), height, width)))
         return self._output(decoded, output_type, return_dict)
