@@ -23,18 +23,25 @@ DISPLAY_SIDE = 256  # small images and the token grid are shown scaled up to abo
 
 def load_models(path: str | os.PathLike, device: str = "cpu"):
     """(pipeline or None, tokenizer) from a pipeline folder (``model_index.json``) or a tokenizer folder."""
+    from ..cards import describe_folder
+
     path = Path(path)
-    if (path / "model_index.json").is_file():
+    try:
+        kind = describe_folder(path)["kind"]
+    except ValueError:
+        kind = None
+    if kind == "pipeline":
         from ..pipelines import load_pipeline
 
         pipeline = load_pipeline(path).to(device)
         return pipeline, pipeline.tokenizer.eval()
-    if (path / "config.json").is_file():
+    if kind == "tokenizer":
         from ..tokenizer.modeling import FVQModel
 
         return None, FVQModel.from_pretrained(path).to(device).eval()
-    raise ValueError(f"{path} is neither a pipeline folder (model_index.json) nor a tokenizer folder (config.json); "
-                     "pass what train-generator / convert / demo wrote (…/pipeline) or a tokenizer's model/ folder")
+    raise ValueError(f"{path} is neither a pipeline folder (model_index.json) nor a tokenizer folder"
+                     + (" (it holds a GPT alone, which makes no images without its tokenizer)" if kind else "")
+                     + "; pass what train-generator / convert / demo wrote (…/pipeline) or a tokenizer's model/ folder")
 
 
 def class_choices(pipeline) -> list[str]:
