@@ -8,15 +8,18 @@ Writes OUT_DIR/app_generate.png and OUT_DIR/app_tokenize.png, through Debian's C
 import socket
 import sys
 from pathlib import Path
-from fullvq.jobs.app import load_models, build_app, serve
+
 from playwright.sync_api import sync_playwright
+
+from fullvq.jobs.app import build_app, load_models, serve
 
 folder, upload, out = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3])
 classes = sys.argv[4].split(",")
 pipeline, tokenizer = load_models(folder)
 app = build_app(pipeline, tokenizer, title=f"fullvq: {folder.resolve().parent.name}/{folder.name}")
-with socket.socket() as s:
-    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
 serve(app, port=port, block=False)
 flags = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
          "--disable-component-update", "--disable-sync"]
@@ -27,8 +30,11 @@ with sync_playwright() as p:
     page.goto(f"http://127.0.0.1:{port}/")
     box = page.get_by_label("Classes")
     for name in classes:
-        box.fill(name); box.press("Enter")
-    page.locator("#per-class input[type=number]").fill("8"); page.locator("#per-class input[type=number]").press("Enter")
+        box.fill(name)
+        box.press("Enter")
+    per_class = page.locator("#per-class input[type=number]")
+    per_class.fill("8")
+    per_class.press("Enter")
     page.get_by_role("button", name="Generate").click()
     page.wait_for_function(f"document.querySelectorAll('#samples img').length === {8 * len(classes)}")
     page.wait_for_timeout(1000)

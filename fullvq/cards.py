@@ -127,7 +127,7 @@ def write_model_card(folder: str | os.PathLike, *, command: str | None = None, r
 
     Facts not given are kept from the folder's existing card. Returns the card's path.
     """
-    from huggingface_hub import EvalResult, ModelCard, ModelCardData
+    from huggingface_hub import EvalResult, ModelCardData
 
     folder = Path(folder)
     described = describe_folder(folder)
@@ -235,7 +235,7 @@ def _snippet(described: dict, where: str) -> str:
         labels = repr(names[:2]) if names else "[0, 1]"
         return "\n".join([
             "```python", "import torch", "from diffusers import DiffusionPipeline", "",
-            f"# trust_remote_code: this folder's fullvq_classes.py imports the classes from fullvq",
+            "# trust_remote_code: this folder's fullvq_classes.py imports the classes from fullvq",
             f"pipe = DiffusionPipeline.from_pretrained({where!r}, trust_remote_code=True)",
             f"images = pipe(class_labels={labels}, guidance_scale=4.0,",
             "              generator=torch.Generator().manual_seed(0)).images",

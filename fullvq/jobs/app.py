@@ -210,7 +210,7 @@ def _generate_tab(gr, pipeline, output_dir: Path) -> None:
         download = gr.File(label="Grid (PNG, a row per class)", elem_id="grid")
 
         def run(values, images_per_class, seed_value, guidance_scale, temperature_value, top_k_value, top_p_value,
-                steps_value, snap_value, progress=gr.Progress(track_tqdm=True)):
+                steps_value, snap_value, progress=gr.Progress(track_tqdm=True)):  # noqa: B008 (Gradio's way)
             try:
                 images, grid = generate(pipeline, values, images_per_class, seed_value or 0, output_dir,
                                         guidance_scale=guidance_scale, temperature=temperature_value,
