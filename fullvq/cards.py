@@ -237,8 +237,7 @@ def _snippet(described: dict, where: str) -> str:
             "```python", "import torch", "from diffusers import DiffusionPipeline", "",
             "# trust_remote_code: this folder's fullvq_classes.py imports the classes from fullvq",
             f"pipe = DiffusionPipeline.from_pretrained({where!r}, trust_remote_code=True)",
-            f"images = pipe(class_labels={labels}, guidance_scale=4.0,",
-            "              generator=torch.Generator().manual_seed(0)).images",
+            f"images = pipe(class_labels={labels}, generator=torch.Generator().manual_seed(0)).images",
             "images[0].save(\"sample.png\")", "```", "",
             "Or with fullvq's own loader: "
             f"`from fullvq.pipelines import load_pipeline; pipe = load_pipeline({where!r})`."])
@@ -254,7 +253,7 @@ def _snippet(described: dict, where: str) -> str:
     return "\n".join([
         "```python", "import torch", "from fullvq import FullVQGPT", "from fullvq.generator.sampling import sample", "",
         f"gpt = FullVQGPT.from_pretrained({where!r}).eval()",
-        "codes = sample(gpt, torch.tensor([0, 1]), guidance_scale=4.0, generator=torch.Generator().manual_seed(0))",
+        "codes = sample(gpt, torch.tensor([0, 1]), guidance_scale=2.0, generator=torch.Generator().manual_seed(0))",
         "```", "",
         "`codes` holds one row of code ids per class label; the tokenizer the GPT was trained with decodes them "
         "(`FullVQPipeline(tokenizer, gpt)` does both steps)."])

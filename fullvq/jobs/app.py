@@ -70,11 +70,10 @@ def parse_classes(pipeline, values) -> list[int]:
 def generate(pipeline, classes, images_per_class: int, seed: int, output_dir: Path, **options):
     """Sample ``images_per_class`` images per class; returns (images as PIL, path of the grid PNG: a row per class).
 
-    ``options`` are the pipeline's sampling settings (guidance_scale, temperature, top_k, top_p,
-    num_inference_steps, snap_to_codebook); those the pipeline does not take are ignored.
+    ``options`` are sampling settings (guidance_scale, temperature, top_k, top_p, num_inference_steps,
+    snap_to_codebook); those of the other kind of pipeline are ignored (the page shows both kinds' controls).
     """
     from ..images import from_unit_range, save_image_grid
-    from ..pipelines.base import sampling_kwargs
 
     ids = parse_classes(pipeline, classes)
     images_per_class = int(images_per_class)
@@ -82,8 +81,10 @@ def generate(pipeline, classes, images_per_class: int, seed: int, output_dir: Pa
         raise ValueError(f"{len(ids)} classes x {images_per_class} images is over the {MAX_IMAGES} images one click "
                          "makes; pick fewer classes or images")
     generator = torch.Generator(device="cpu").manual_seed(int(seed))
+    mine = ("guidance_scale", *pipeline.sampling_settings)
+    settings = pipeline.sampling_options(**{name: value for name, value in options.items() if name in mine})
     images = pipeline(class_labels=ids, num_images_per_label=images_per_class, generator=generator, output_type="pt",
-                      **sampling_kwargs(pipeline, **options)).images
+                      **settings).images
     rows = list(from_unit_range(images).view(len(ids), images_per_class, *images.shape[1:]))
     grid = save_image_grid(rows, Path(tempfile.mkdtemp(dir=output_dir)) / "fullvq-samples.png")
     return pipeline.numpy_to_pil(images.permute(0, 2, 3, 1).numpy()), grid
@@ -196,7 +197,8 @@ def _generate_tab(gr, pipeline, output_dir: Path) -> None:
         with gr.Row():
             count = gr.Slider(1, 16, value=4, step=1, label="Images per class", elem_id="per-class")
             seed = gr.Number(0, precision=0, label="Seed")
-            guidance = gr.Slider(1.0, 10.0, value=4.0, step=0.25, label="Guidance scale")
+            guidance = gr.Slider(1.0, 10.0, value=pipeline.sampling_options()["guidance_scale"], step=0.25,
+                                 label="Guidance scale")
         with gr.Row(visible=not flow):
             temperature = gr.Slider(0.0, 2.0, value=1.0, step=0.05, label="Temperature")
             top_k = gr.Slider(0, int(pipeline.tokenizer.config.codebook_size), value=0, step=1, label="Top-k (0 = off)")

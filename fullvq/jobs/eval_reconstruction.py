@@ -20,8 +20,8 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm.auto import tqdm
 
-from ..data import build_dataset
 from ..cards import add_report_to_card
+from ..data import build_dataset
 from ..distributed import gather_in_order, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
