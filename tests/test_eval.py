@@ -110,7 +110,8 @@ def test_missing_weights_file_is_a_clear_error(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- FID with real Inception
 
 
-def test_fid_is_zero_against_itself_and_grows_with_noise(extractor, digit_folder, cache_dir):
+def test_fid_is_zero_against_itself_and_grows_with_noise(extractor, digit_folder, tmp_path):
+    cache_dir = tmp_path / "cache"  # its own cache: the first load below must compute
     reference = load_reference(digit_folder, extractor, cache_dir=cache_dir)
     assert reference.num_images == NUM_DIGITS and reference.info["cached"] is False
     images = ImageFiles(sorted(digit_folder.glob("*.png")))
@@ -270,8 +271,11 @@ def tiny_pipeline(tmp_path):
     return tmp_path / "pipeline"
 
 
-def test_gfid_job_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline, inception_weights, digit_folder, cache_dir):
+def test_gfid_job_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline, inception_weights, extractor, digit_folder,
+                                                 cache_dir):
     from fullvq.pipelines import FullVQPipeline
+
+    load_reference(digit_folder, extractor, cache_dir=cache_dir)  # the reference statistics, cached by content
 
     settings = dict(images_per_class=3, batch_size=4, seed=7, guidance_scale=2.0)
     samples = tmp_path / "gfid" / "samples"
@@ -291,7 +295,7 @@ def test_gfid_job_end_to_end_resumes_and_reports(tmp_path, tiny_pipeline, incept
     assert metrics["fid"] > 0 and metrics["kid"] == metrics["kid"]
     assert 0 <= metrics["precision"] <= 1 and 0 <= metrics["recall"] <= 1
     assert "inception_score" not in metrics and "logits" in report["unavailable"]["inception_score"]
-    assert report["reference_info"]["cached"] is True  # statistics from the FID test, found by content
+    assert report["reference_info"]["cached"] is True  # the statistics computed above, found by content
     assert Image.open(report["files"]["grid"]).size[0] > 0
 
     with pytest.raises(ValueError, match="guidance_scale=2.0"):  # no silent mixing of two sample sets

@@ -15,6 +15,7 @@ import yaml
 from PIL import Image
 
 from fullvq import FVQModel
+from fullvq.cards import read_card_facts
 from fullvq.cli import main as cli_main
 from fullvq.config import ConfigError, load_config
 from fullvq.jobs.cache_tokens import AUGMENTATIONS, augmentation_views, cache_tokens
@@ -208,6 +209,10 @@ def test_tiny_gpt_overfits_cached_grids_and_samples_them_back_for_their_classes(
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 200 and records[-1]["loss"] < 0.01 and records[-1]["token_accuracy"] == 1.0
     assert (run / "samples" / "step-200.png").is_file() and (run / "model" / "train_config.yaml").is_file()
+    # Both written folders carry a Hub card naming what they are and how they were made.
+    for folder, kind in ((run / "pipeline", "pipeline"), (run / "model", "gpt")):
+        card = read_card_facts(folder)
+        assert card["kind"] == kind and card["recipe"]["train"]["max_steps"] == 200, folder
 
     cache = TokenCache(workspace / "centre")
     grids = {cache[i]["label"]: cache[i]["tokens"][0] for i in range(len(cache))}

@@ -13,6 +13,7 @@ import yaml
 from PIL import Image
 from safetensors.torch import load_file
 
+from fullvq.cards import read_card_facts
 from fullvq.config import ConfigError, load_config
 from fullvq.jobs.schedule import EpochSampler, lr_multiplier
 from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
@@ -98,6 +99,12 @@ def test_tiny_tokenizer_trains_on_a_folder_with_a_corrupt_and_a_grayscale_file(t
     assert records[-1]["usage_tokens"] == 5 * 4 * 8 * 8  # every token of the last 5 steps, counted
     assert sum(r.get("skipped_images", 0) for r in records) >= 1
     assert (run / "model" / "config.json").is_file() and (run / "model" / "train_config.yaml").is_file()
+    # The model folder carries a Hub card with the run's facts: its data, recipe and measured usage.
+    card = read_card_facts(run / "model")
+    assert card["kind"] == "tokenizer" and card["data"] == str(data)
+    assert card["recipe"]["train"]["max_steps"] == 30
+    measured = card["metrics"]["training, last log window"]
+    assert measured["codebook_usage_percent"] == pytest.approx(100 * records[-1]["usage"], abs=0.01)
     assert (run / "samples" / "step-30.png").is_file() and (run / "usage" / "step-30.png").is_file()
     assert sorted(p.name for p in run.glob("checkpoint-*")) == ["checkpoint-10", "checkpoint-20", "checkpoint-30"]
     assert (run / "checkpoint-30" / "config.yaml").is_file()
