@@ -78,3 +78,19 @@ def test_default_block_is_cache_sized_on_the_cpu(monkeypatch):
     monkeypatch.undo()
     assert max(sizes) == 2**20  # 1,024 tokens x 1,024 codes, not the GPU's 2^24 (the whole 1,024 x 8,192)
     assert torch.equal(got, nearest_code(z, codebook, max_block_elements=2**24))
+
+
+@pytest.mark.parametrize("blocks", [{}, {"token_chunk": 3, "code_chunk": 5}])
+def test_non_finite_rows_and_codes_never_give_an_index_outside_the_codebook(blocks):
+    z = torch.randn(9, 4)
+    z[1, 2] = float("nan")
+    z[4] = float("inf")
+    z[6, 0] = -float("inf")
+    codebook = torch.randn(16, 4)
+    got = nearest_code(z, codebook, **blocks)
+    finite = torch.tensor([i not in (1, 4, 6) for i in range(9)])
+    assert torch.equal(got[~finite], torch.zeros(3, dtype=torch.long))
+    assert torch.equal(got[finite], brute_force(z[finite], codebook)[0])
+    codebook[5] = float("nan")  # a diverged code: every index still lies in [0, K)
+    got = nearest_code(torch.randn(9, 4), codebook, **blocks)
+    assert got.min() >= 0 and got.max() < 16

@@ -275,21 +275,20 @@ def test_fvq_group_size_defaults_follow_the_paper_and_bad_sizes_are_refused():
     assert build_quantizer("fvq", codebook_size=1000, codebook_dim=8, group_size=8).codebook().shape == (1000, 8)
 
 
-@pytest.mark.parametrize(
-    "name, kwargs",
-    [
-        ("vq", {}),
-        ("vq", {"l2_norm": True}),
-        ("simvq", {}),
-        ("lc", {"feature_dim": 12}),
-        ("fvq", {"group_size": 8}),
-        ("residual", {"base": "fvq", "num_quantizers": 3, "group_size": 8}),
-        ("residual", {"base": "vq", "num_quantizers": 2}),
-        ("multiscale", {"base": "simvq", "scales": [1, 2, 4]}),
-        ("multiscale", {"base": "fvq", "scales": [1, 2, 3, 4], "group_size": 8}),
-    ],
-)
-def test_every_family_quantizes_looks_up_and_exports_consistently(name, kwargs):
+FAMILIES = [
+    ("vq", {}),
+    ("vq", {"l2_norm": True}),
+    ("simvq", {}),
+    ("lc", {"feature_dim": 12}),
+    ("fvq", {"group_size": 8}),
+    ("residual", {"base": "fvq", "num_quantizers": 3, "group_size": 8}),
+    ("residual", {"base": "vq", "num_quantizers": 2}),
+    ("multiscale", {"base": "simvq", "scales": [1, 2, 4]}),
+    ("multiscale", {"base": "fvq", "scales": [1, 2, 3, 4], "group_size": 8}),
+]
+
+
+def ready_quantizer(name, kwargs):
     quantizer = build_quantizer(name, codebook_size=64, codebook_dim=8, **kwargs)
     for module in quantizer.modules():
         if hasattr(module, "load_codebook"):
@@ -297,6 +296,28 @@ def test_every_family_quantizes_looks_up_and_exports_consistently(name, kwargs):
     with torch.no_grad():  # move C_hat away from its zero start
         for p in quantizer.parameters():
             p.add_(0.1 * torch.randn_like(p))
+    return quantizer
+
+
+@pytest.mark.parametrize("name, kwargs", FAMILIES)
+def test_non_finite_latents_give_codes_inside_the_codebook_in_every_family(name, kwargs):
+    """Issue 19, class 6: a diverging encoder must not index outside the codebook (it reaches the
+    Trainer's non-finite loss check instead)."""
+    quantizer = ready_quantizer(name, kwargs)
+    z = torch.randn(2, 8, 4, 4)
+    z[0, 3, 1, 2] = float("nan")  # one cell with a NaN channel
+    z[1, :, 0, 0] = float("inf")  # one cell of inf
+    with torch.no_grad():
+        out = quantizer(z)
+    assert out.indices.min() >= 0 and out.indices.max() < 64
+    if out.indices.ndim == 3:  # one code per cell: the non-finite cells get code 0
+        assert out.indices[0, 1, 2] == 0 and out.indices[1, 0, 0] == 0
+    assert not torch.isfinite(out.loss)  # what the Trainer stops on
+
+
+@pytest.mark.parametrize("name, kwargs", FAMILIES)
+def test_every_family_quantizes_looks_up_and_exports_consistently(name, kwargs):
+    quantizer = ready_quantizer(name, kwargs)
     z = torch.randn(3, 8, 4, 4, requires_grad=True)
     out = quantizer(z)
     assert out.quantized.shape == z.shape

@@ -59,7 +59,9 @@ def nearest_code(
             as fit in ``max_block_elements`` (default 2^24 on a GPU, 2^20 on the CPU).
 
     Returns:
-        (N,) long tensor equal to ``argmin_k ||z_n - c_k||^2`` (first index on ties).
+        (N,) long tensor equal to ``argmin_k ||z_n - c_k||^2`` (first index on ties), always in
+        ``[0, K)``: a row of ``z`` holding NaN or inf gets code 0 (a diverging run then reaches its
+        non-finite loss check instead of indexing outside the codebook).
 
     Extra memory is bounded by one ``token_chunk x code_chunk`` float32 block plus ``K`` code
     norms and ``N`` running minima, whatever ``K`` is: the ``N x K`` matrix is never built.
@@ -72,7 +74,8 @@ def nearest_code(
             f"got {tuple(z.shape)} and {tuple(codebook.shape)}"
         )
     num_tokens, num_codes = z.shape[0], codebook.shape[0]
-    indices = torch.empty(num_tokens, dtype=torch.long, device=z.device)
+    # Zeros, not empty: a row whose distances are all NaN never improves on +inf and keeps code 0.
+    indices = torch.zeros(num_tokens, dtype=torch.long, device=z.device)
     if num_tokens == 0:
         return indices
     with torch.autocast(device_type=z.device.type, enabled=False):
@@ -113,6 +116,8 @@ def nearest_code(
                         rows = better.nonzero().squeeze(1)
                         best_index[rows] = out.index_select(0, rows).argmin(dim=1) + k0
                         best[rows] = value[rows]
+        finite = torch.isfinite(z).all(dim=1)
+        indices = torch.where(finite, indices, 0)  # no host sync, unlike a masked assignment
     return indices
 
 
