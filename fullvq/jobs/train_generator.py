@@ -13,12 +13,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch.utils.data import Dataset
 
-from ..config import ConfigError, check_kwargs
+from ..config import ConfigError, at_least, check_fields, check_kwargs
 from ..generator.gpt import GPT_SIZES, FullVQGPTConfig
 from ..generator.latent_flow import DIT_SIZES
 from ..tokenizer import FVQModel
@@ -53,12 +53,13 @@ class GeneratorTrainConfig:
     tokenizer: str | None = None  # default: the folder recorded in the cache; its sha256 must match
     model: dict = field(default_factory=dict)  # FullVQGPTConfig arguments; `size` picks a LlamaGen size
     train: GeneratorTrainSettings = field(default_factory=lambda: GeneratorTrainSettings(max_steps=1000))
-    num_samples: int = 8  # images in each sample grid, classes spread over the cache's labels
+    num_samples: Annotated[int, at_least(0)] = 8  # images in each sample grid, classes spread over the cache's labels
     sample_guidance_scale: float | None = None  # default: the head's (2.0 GPT, 4.0 DiT)
-    sample_temperature: float = 1.0  # gpt
-    sample_num_inference_steps: int = 50  # dit / flow
+    sample_temperature: Annotated[float, at_least(0, "0 = greedy")] = 1.0  # gpt
+    sample_num_inference_steps: Annotated[int, at_least(1)] = 50  # dit / flow
 
     def __post_init__(self):
+        check_fields(self)
         if not self.tokens:
             raise ConfigError("set tokens: the token cache folder written by fullvq cache-tokens")
         if not (Path(self.tokens) / CACHE_FILE).is_file():
@@ -76,8 +77,6 @@ class GeneratorTrainConfig:
         else:
             checked = check_dit_settings(settings, size)
         self.model = {**({"size": size} if size is not None else {}), **checked}
-        if self.num_samples < 0:
-            raise ConfigError(f"num_samples={self.num_samples} must be >= 0")
 
 
 def check_dit_settings(settings: dict, size: str | None) -> dict:
@@ -107,7 +106,7 @@ def load_tokenizer(config: GeneratorTrainConfig, cache: TokenCache):
     info = cache.info
     path = Path(config.tokenizer or info["tokenizer"])
     if not path.is_dir():
-        raise ConfigError(f"tokenizer folder {path} (recorded by the token cache {cache.path}) does not exist; set "
+        raise ConfigError(f"no such folder: tokenizer {path} (recorded by the token cache {cache.path}); set "
                           "tokenizer=PATH to the folder of the tokenizer the cache was made with")
     sha = tokenizer_sha256(path)
     if sha != info["tokenizer_sha256"]:

@@ -10,10 +10,11 @@ from __future__ import annotations
 import inspect
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Annotated
 
 import torch
 
-from ..config import ConfigError, check_kwargs
+from ..config import ConfigError, at_least, check_fields, check_kwargs
 from ..data import build_dataset
 from ..images import save_image_grid, save_usage_histogram
 from ..tokenizer.losses import TokenizerLoss
@@ -25,11 +26,15 @@ from .loop import TrainConfig, Trainer, TrainingStage
 @dataclass
 class DataConfig:
     source: str = "demo"  # an image folder, a dataset name on the hub, or "demo" (MNIST, offline)
-    resolution: int | None = None  # image side in pixels; default (and must equal) model.sample_size
+    # image side in pixels; default (and must equal) model.sample_size
+    resolution: Annotated[int, at_least(1)] | None = None
     split: str = "train"
     streaming: bool = False
     image_column: str | None = None
     label_column: str | None = None
+
+    def __post_init__(self):
+        check_fields(self)
 
 
 @dataclass
@@ -46,9 +51,10 @@ class TokenizerTrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     train: TokenizerTrainSettings = field(default_factory=lambda: TokenizerTrainSettings(max_steps=1000))
     codebook_path: str | None = None  # lc: k-means centres (fullvq init-codebook) for the frozen codebook
-    num_samples: int = 8  # images in each reconstruction grid
+    num_samples: Annotated[int, at_least(0)] = 8  # images in each reconstruction grid
 
     def __post_init__(self):
+        check_fields(self)
         self.model = check_kwargs("model", self.model, FVQModel)
         self.loss = check_kwargs("loss", self.loss, TokenizerLoss)
         if self.codebook_path is not None and not Path(self.codebook_path).is_file():
