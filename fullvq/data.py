@@ -8,7 +8,7 @@ streaming) whose items are ``{"pixel_values": float32 (3, R, R) in [-1, 1], "lab
 Images are decoded here, not by ``datasets``, so one unreadable or truncated file is skipped with a
 warning instead of killing a run: a map-style dataset returns the next readable index in its place.
 
-(About 520 lines, over the house's 450: one concern, image sources, in four banner sections, and
+(About 560 lines, over the house's 450: one concern, image sources, in four banner sections, and
 ``build_dataset``'s helpers read best beside it.)
 """
 
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import functools
 import io
+import math
 import numbers
 import os
 import warnings
@@ -29,6 +30,8 @@ from PIL import Image
 from torch.utils.data import Dataset, IterableDataset
 from torchvision.transforms import v2
 
+from .io import looks_local
+
 # Extensions the datasets imagefolder builder reads (a subset of what PIL opens).
 IMAGE_EXTENSIONS = frozenset(
     ".bmp .dib .gif .png .apng .jp2 .j2k .jpf .jpx .tif .tiff .jfif .jpe .jpg .jpeg .pbm .pgm .ppm "
@@ -38,6 +41,9 @@ IMAGE_EXTENSIONS = frozenset(
 DATA_FILE_BUILDERS = {".parquet": "parquet", ".arrow": "arrow"}
 # Random short-side resize range of the paper recipe: [R, 1.25 R] (256 -> 256..320).
 MAX_RESIZE_RATIO = 1.25
+# Images are cut to at most this aspect ratio before any transform, so a 2 x 4000 px strip is not blown
+# up to 256 x 512,000 px (1.4 GB) to be cropped; ordinary photos (up to 4:1) are untouched.
+MAX_ASPECT_RATIO = 4.0
 DEMO_SOURCE = "demo"
 
 
@@ -115,6 +121,21 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")
 
 
+def fit_image(image: Image.Image, side: int) -> Image.Image:
+    """``image`` made cheap to transform for a short side of ``side`` px: its long side centre-cut to
+    ``MAX_ASPECT_RATIO`` x its short side, and an image with a short side of at least twice ``side``
+    box-reduced by a whole factor (PIL's ``reduce``) so that it stays at least ``side``."""
+    width, height = image.size
+    short, long = min(width, height), max(width, height)
+    if long > MAX_ASPECT_RATIO * short:
+        keep = int(MAX_ASPECT_RATIO * short)
+        start = (long - keep) // 2
+        box = (start, 0, start + keep, height) if width > height else (0, start, width, start + keep)
+        image = image.crop(box)
+    factor = short // side
+    return image.reduce(factor) if factor >= 2 else image
+
+
 def describe_image(value: Any) -> str:
     """A human-readable name for an image cell (its path when it has one)."""
     if isinstance(value, dict):
@@ -124,13 +145,15 @@ def describe_image(value: Any) -> str:
     return f"<{type(value).__name__}>"
 
 
-def load_image(value: Any) -> Image.Image:
-    """Decode one image cell (a path, bytes, a ``{"bytes", "path"}`` dict or a PIL image) to RGB.
+def load_image(value: Any, side: int | None = None) -> Image.Image:
+    """Decode one image cell (a path, bytes, a ``{"bytes", "path"}`` dict or a PIL image) to RGB; with
+    ``side``, a large JPEG is decoded at a reduced scale and the result cut down by ``fit_image``,
+    keeping a short side of at least ``side`` px.
 
     Raises ``UnreadableImageError`` naming the file when PIL cannot read it fully.
     """
     if isinstance(value, Image.Image):
-        return to_rgb(value)
+        return to_rgb(value if side is None else fit_image(value, side))
     if isinstance(value, dict):
         data, path = value.get("bytes"), value.get("path")
     elif isinstance(value, (bytes, bytearray)):
@@ -143,8 +166,10 @@ def load_image(value: Any) -> Image.Image:
         raise UnreadableImageError("image cell holds neither bytes nor a path")
     try:
         with Image.open(io.BytesIO(data) if data is not None else path) as image:
+            if side is not None:
+                image.draft("RGB", (side, side))  # JPEG: decode at 1/2, 1/4 or 1/8 scale when that is enough
             image.load()  # decodes now, so truncated files fail here rather than in a transform
-            return to_rgb(image)
+            return to_rgb(image if side is None else fit_image(image, side))
     except Exception as error:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
         raise UnreadableImageError(f"{describe_image(value)}: {type(error).__name__}: {error}") from error
 
@@ -157,13 +182,14 @@ class _ImageSource:
     name: str
 
     def __init__(self, table, *, image_column: str, label_column: str | None, transform: Callable,
-                 id2label: dict[int, str], name: str):
+                 id2label: dict[int, str], name: str, decode_side: int | None = None):
         self.table = table
         self.image_column = image_column
         self.label_column = label_column
         self.transform = transform
         self.id2label = id2label
         self.name = name
+        self.decode_side = decode_side  # the largest short side a transform needs (see load_image)
         self._init_skips()
 
     def _init_skips(self) -> None:
@@ -220,7 +246,7 @@ class ImageDataset(_ImageSource, Dataset):
                 continue
             row = self.table[position]
             try:
-                image = load_image(row[self.image_column])
+                image = load_image(row[self.image_column], self.decode_side)
             except UnreadableImageError as error:
                 self._unreadable.add(position)
                 self._record_skip(row[self.image_column], error)
@@ -232,6 +258,10 @@ class ImageDataset(_ImageSource, Dataset):
         if not substitute:
             return None
         raise UnreadableImageError(f"none of the {size} images in {self.name} could be decoded")
+
+    def source_name(self, index: int) -> str:
+        """The file (or cell) item ``index`` is read from, for reports."""
+        return describe_image(self.table[int(index)][self.image_column])
 
     def __repr__(self) -> str:
         return f"ImageDataset({self.name!r}, images={len(self)}, num_classes={self.num_classes})"
@@ -256,13 +286,14 @@ class StreamingImageDataset(_ImageSource, IterableDataset):
 
     def _over(self, table) -> StreamingImageDataset:
         return StreamingImageDataset(table, image_column=self.image_column, label_column=self.label_column,
-                                     transform=self.transform, id2label=self.id2label, name=self.name)
+                                     transform=self.transform, id2label=self.id2label, name=self.name,
+                                     decode_side=self.decode_side)
 
     def __iter__(self):
         dropped = 0
         for row in self.table:
             try:
-                image = load_image(row[self.image_column])
+                image = load_image(row[self.image_column], self.decode_side)
             except UnreadableImageError as error:
                 self._record_skip(row[self.image_column], error)
                 dropped += 1
@@ -273,6 +304,24 @@ class StreamingImageDataset(_ImageSource, IterableDataset):
 
     def __repr__(self) -> str:
         return f"StreamingImageDataset({self.name!r}, num_classes={self.num_classes})"
+
+
+class ReadableSubset(Dataset):
+    """Items ``indices`` of ``dataset``, each as ``(item, index)``, or None for an unreadable image:
+    never the next readable image in its place (which indexing a folder dataset gives), so a caller
+    that counts or stores images by position counts none twice."""
+
+    def __init__(self, dataset, indices: list[int]):
+        self.dataset, self.indices = dataset, indices
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __getitem__(self, i: int) -> tuple[dict, int] | None:
+        index = self.indices[i]
+        load = getattr(self.dataset, "load", None)
+        item = load(index, substitute=False) if load is not None else self.dataset[index]
+        return None if item is None else (item, index)
 
 
 @functools.lru_cache(maxsize=1)
@@ -332,14 +381,8 @@ class DemoDataset(_ImageSource, Dataset):
 
 
 def _looks_local(source: str) -> bool:
-    # Hub ids are "name" or "namespace/name"; anything else path-like is meant as a local path.
-    return (
-        os.path.isabs(source)
-        or source.startswith((".", "~"))
-        or source.replace(os.sep, "/").count("/") > 1
-        or Path(source).suffix.lower() in DATA_FILE_BUILDERS
-        or os.path.exists(source)
-    )
+    # Hub ids are "name" or "namespace/name"; a data file's suffix also marks a local path.
+    return looks_local(source) or Path(source).suffix.lower() in DATA_FILE_BUILDERS
 
 
 def _has_image_file(folder: Path) -> bool:
@@ -513,7 +556,7 @@ def build_dataset(
         transform = train_transform(resolution) if train else eval_transform(resolution)
     wrapper = StreamingImageDataset if streaming else ImageDataset
     return wrapper(table, image_column=image_column, label_column=label_column, transform=transform,
-                   id2label=id2label, name=source)
+                   id2label=id2label, name=source, decode_side=math.ceil(MAX_RESIZE_RATIO * resolution))
 
 
 __all__ = [
@@ -522,9 +565,11 @@ __all__ = [
     "eval_transform",
     "check_resolution",
     "load_image",
+    "fit_image",
     "to_rgb",
     "ImageDataset",
     "StreamingImageDataset",
+    "ReadableSubset",
     "DemoDataset",
     "UnreadableImageError",
 ]

@@ -131,6 +131,40 @@ def test_rerun_keeps_finished_shards_rewrites_missing_ones_and_refuses_other_set
     assert "holds tokens made with other settings (augmentation: 'flip' -> 'ten-crop'" in capsys.readouterr().err
 
 
+def test_a_second_cache_tokens_into_a_busy_folder_is_refused_and_shard_writes_are_idempotent(workspace, tmp_path,
+                                                                                             capsys):
+    """Issue 19, class 10: two cache-tokens runs never write one folder; a finished shard is never rewritten."""
+    from fullvq.jobs.cache_tokens import _write_shard
+
+    output = tmp_path / "cache"
+    command = ["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--source", str(workspace / "images"),
+               "--output", str(output), "--num-workers", "0", "--augmentation", "none"]
+    with pytest.warns(RuntimeWarning):
+        assert cli_main(command) == 0
+    shard = output / "shard-00000"
+    before = {p.name: p.stat().st_mtime_ns for p in shard.iterdir()}
+    _write_shard(shard, np.zeros((1, 1, 64), dtype=np.int16), [0], [0], "int16", 0, 0)  # a late second writer
+    assert {p.name: p.stat().st_mtime_ns for p in shard.iterdir()} == before
+    assert len(TokenCache(output)) == 4 and not list(output.glob(".tmp-*"))
+
+    from fullvq.io import hold_folder
+
+    with hold_folder(tmp_path / "busy", "another cache-tokens"):
+        assert cli_main(command[:-5] + [str(tmp_path / "busy")] + command[-4:]) == 2
+        err = capsys.readouterr().err
+        assert f"PID {os.getpid()}" in err and "in use" in err
+        assert [p.name for p in (tmp_path / "busy").iterdir()] == [".fullvq.lock"]
+
+
+def test_cache_tokens_limit_below_one_is_refused_before_any_work(workspace, tmp_path, capsys):
+    """Issue 19, class 14."""
+    for limit in ("0", "-3"):
+        assert cli_main(["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--source",
+                         str(workspace / "images"), "--output", str(tmp_path / "cache"), "--limit", limit]) == 2
+        assert f"limit={limit}" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists()
+
+
 def test_two_processes_write_their_own_shards_and_match_one_process(workspace, tmp_path):
     output = tmp_path / "cache"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1",

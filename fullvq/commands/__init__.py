@@ -14,18 +14,24 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+from ..io import DiskFullError, FolderInUseError
+
+# What every command reports this way: a full disk, a folder another run holds (fullvq.io; both light).
+COMMON_ERRORS = (DiskFullError, FolderInUseError)
+
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callable[[argparse.Namespace], int | None],
         errors: tuple[type[BaseException], ...] = ()) -> int:
     """Parse ``argv`` and run ``job(args)``; returns the exit status (never raises ``SystemExit``):
-    0, argparse's own status for ``--help`` or a bad flag, or 2 for an error of the kinds ``errors``."""
+    0, argparse's own status for ``--help`` or a bad flag, or 2 for an error of the kinds ``errors``
+    (or ``COMMON_ERRORS``)."""
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:
         return int(exit_.code or 0)
     try:
         return int(job(args) or 0)
-    except errors as error:
+    except (*errors, *COMMON_ERRORS) as error:
         return fail(parser, error)
 
 

@@ -38,4 +38,4 @@ def _train_generator(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "fullvq train-generator") -> int:
-    return run(build_parser(prog), argv, _train_generator, errors=(ConfigError,))
+    return run(build_parser(prog), argv, _train_generator, errors=(ConfigError, FloatingPointError))

@@ -27,4 +27,4 @@ def _train_tokenizer(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None, prog: str = "fullvq train-tokenizer") -> int:
-    return run(build_parser(prog), argv, _train_tokenizer, errors=(ConfigError,))
+    return run(build_parser(prog), argv, _train_tokenizer, errors=(ConfigError, FloatingPointError))

@@ -10,18 +10,19 @@ processes) skips the finished ones. Command line: ``fullvq cache-tokens`` (``ful
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader
 
 from ..config import ConfigError
-from ..data import build_dataset, check_resolution, eval_transform
+from ..data import ReadableSubset, build_dataset, check_resolution, eval_transform
 from ..distributed import process_state
-from ..io import atomic_file, atomic_folder, write_text
+from ..io import atomic_file, atomic_folder, hold_folder, local_folder_or_hub_id, write_text
 from ..tokenizer import FVQModel
 from .token_cache import (
     CACHE_FILE,
@@ -78,27 +79,13 @@ def augmentation_views(resolution: int, augmentation: str = "flip"):
     return views
 
 
-class _Views(Dataset):
-    """Source images ``indices`` as all their views; unreadable ones come back as None (dropped)."""
-
-    def __init__(self, source, indices: list[int]):
-        self.source, self.indices = source, indices
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int):
-        index = self.indices[i]
-        item = self.source.load(index, substitute=False)
-        return None if item is None else (item["pixel_values"], int(item["label"]), index)
-
-
 def _collate(items):
+    """``ReadableSubset`` items -> (views, labels, indices) of the readable ones (None when none is)."""
     items = [item for item in items if item is not None]
     if not items:
         return None
-    views, labels, indices = zip(*items, strict=True)
-    return torch.stack(views), list(labels), list(indices)
+    return (torch.stack([item["pixel_values"] for item, _ in items]), [int(item["label"]) for item, _ in items],
+            [index for _, index in items])
 
 
 def cache_tokens(
@@ -140,41 +127,44 @@ def cache_tokens(
         raise ConfigError(f"augmentation={augmentation!r} is not one of {list(AUGMENTATIONS)}")
     if batch_size < 1 or shard_size < 1:
         raise ConfigError(f"batch_size={batch_size} and shard_size={shard_size} must both be >= 1")
-    tokenizer_dir, output_dir = Path(tokenizer).resolve(), Path(output_dir)
+    if limit is not None and limit < 1:
+        raise ConfigError(f"limit={limit} (--max-images) would cache no image; pass a positive number, or none to "
+                          "cache every image")
+    tokenizer_dir = Path(local_folder_or_hub_id(tokenizer, "tokenizer", hub=False)).resolve()
+    output_dir = Path(output_dir)
     state = process_state()
-    model = _load_tokenizer(tokenizer_dir, state.device)
-    resolution = int(model.config.sample_size) if resolution is None else resolution
-    factor = model.downsample_factor
-    if resolution % factor:
-        raise ConfigError(f"resolution={resolution} is not divisible by the tokenizer's downsample factor {factor}; "
-                          f"use a multiple of {factor}")
-    with state.main_process_first():  # one process fills the `datasets` cache, the others then read it
-        dataset = build_dataset(source, resolution=resolution, train=False, split=split, image_column=image_column,
-                                label_column=label_column, transform=augmentation_views(resolution, augmentation))
-    total = len(dataset) if limit is None else min(limit, len(dataset))
-    info = _describe(model, tokenizer_dir, dataset, source=source, split=split, resolution=resolution,
-                     augmentation=augmentation, shard_size=shard_size, total=total)
-    # Every process checks an existing cache itself, so a refusal stops all of them alike.
-    _check_resumable(output_dir, info)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        write_text(output_dir / CACHE_FILE, json.dumps(info, indent=2))
-    state.wait_for_everyone()
+    # One writer per cache: the main process holds the folder's lock until the cache is written.
+    with hold_folder(output_dir, "fullvq cache-tokens") if state.is_main_process else contextlib.nullcontext():
+        model = _load_tokenizer(tokenizer_dir, state.device)
+        resolution = int(model.config.sample_size) if resolution is None else resolution
+        factor = model.downsample_factor
+        if resolution % factor:
+            raise ConfigError(f"resolution={resolution} is not divisible by the tokenizer's downsample factor "
+                              f"{factor}; use a multiple of {factor}")
+        with state.main_process_first():  # one process fills the `datasets` cache, the others then read it
+            dataset = build_dataset(source, resolution=resolution, train=False, split=split, image_column=image_column,
+                                    label_column=label_column, transform=augmentation_views(resolution, augmentation))
+        total = len(dataset) if limit is None else min(limit, len(dataset))
+        info = _describe(model, tokenizer_dir, dataset, source=source, split=split, resolution=resolution,
+                         augmentation=augmentation, shard_size=shard_size, total=total)
+        # Every process checks an existing cache itself, so a refusal stops all of them alike.
+        _check_resumable(output_dir, info)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            output_dir.mkdir(parents=True, exist_ok=True)
+            write_text(output_dir / CACHE_FILE, json.dumps(info, indent=2))
+        state.wait_for_everyone()
 
-    names = [f"shard-{n:05d}" for n in range(max(1, -(-total // shard_size)))]
-    _encode_shards(model, dataset, output_dir, names, info, batch_size=batch_size, num_workers=num_workers)
-    state.wait_for_everyone()
-    if state.is_main_process:
-        _finish(model, output_dir, names, info, latents)
-    state.wait_for_everyone()
-    return read_cache_info(output_dir)
+        names = [f"shard-{n:05d}" for n in range(max(1, -(-total // shard_size)))]
+        _encode_shards(model, dataset, output_dir, names, info, batch_size=batch_size, num_workers=num_workers)
+        state.wait_for_everyone()
+        if state.is_main_process:
+            _finish(model, output_dir, names, info, latents)
+        state.wait_for_everyone()
+        return read_cache_info(output_dir)
 
 
 def _load_tokenizer(folder: Path, device):
-    if not folder.is_dir():
-        raise FileNotFoundError(f"tokenizer folder {folder} does not exist; pass the <output_dir>/model "
-                                "folder of a fullvq train-tokenizer run")
     return FVQModel.from_pretrained(str(folder)).to(device).eval()
 
 
@@ -233,7 +223,7 @@ def _encode_shards(model, dataset, output_dir: Path, names: list[str], info: dic
                desc=f"caching tokens ({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     for n in mine:
         indices = list(range(n * shard_size, min(total, (n + 1) * shard_size)))
-        loader = DataLoader(_Views(dataset, indices), batch_size=batch_size, num_workers=num_workers,
+        loader = DataLoader(ReadableSubset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
                             collate_fn=_collate)
         tokens, labels, kept = [], [], []
         for batch in loader:
@@ -259,8 +249,12 @@ def _encode_shards(model, dataset, output_dir: Path, names: list[str], info: dic
 
 def _write_shard(folder: Path, tokens: np.ndarray | None, labels: list[int], indices: list[int], dtype: str,
                  skipped: int, process_index: int) -> None:
-    """Write one shard atomically: a temporary folder renamed to ``folder`` once complete."""
+    """Write one shard atomically: a temporary folder renamed to ``folder`` once complete. A shard
+    already complete is kept as it is (so writing one twice changes nothing)."""
     import datasets
+
+    if read_shard_done(folder) is not None:
+        return
 
     with atomic_folder(folder, overwrite=True) as staging:
         if len(labels):

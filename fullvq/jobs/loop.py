@@ -7,84 +7,89 @@ the final model. Everything else lives here, once:
 * ``accelerate`` for devices, DDP, mixed precision, gradient accumulation and trackers;
 * learning-rate schedules, FVQ's annealing among them, one schedule for every optimizer, and
   deterministic, sharded, resumable data order (both in ``fullvq.jobs.schedule``);
-* atomic ``checkpoint-{step}`` folders with a total limit, ``resume=latest``;
+* atomic ``checkpoint-{step}`` folders with a manifest and a total limit, ``resume=latest`` taking
+  the newest complete one (which folders count and are complete: ``fullvq.jobs.checkpoints``);
+* one run per output folder (its lock, ``fullvq.io.hold_folder``), and nothing written before the
+  folder and the checkpoint to resume are known to be right;
 * EMA of the model weights (diffusers' ``EMAModel``), saved as safetensors;
-* a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs.
+* a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs (each step once).
 
-(About 480 lines, over the house's 450: the loop, its checkpoints and resume read best in one file;
-what each step sees is already apart, in ``fullvq.jobs.schedule``.)
+(About 500 lines, over the house's 450: the loop and how it saves and resumes read best in one file;
+what each step sees is apart, in ``fullvq.jobs.schedule``, and the checkpoint folders' rules in
+``fullvq.jobs.checkpoints``.)
 """
 
 from __future__ import annotations
 
 import json
 import math
-import shutil
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 import torch
 from torch import nn
 from torch.utils.data import DataLoader, IterableDataset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, dump_config, to_dict
-from ..io import publish, remove, staging_path, write_text
+from ..config import ConfigError, above, at_least, check_fields, dump_config, to_dict, within
+from ..io import disk_full_as_error, hold_folder, publish, remove, staging_path, write_text
+from .checkpoints import (
+    CHECKPOINT_PREFIX,
+    CheckpointError,
+    check_checkpoint_files,
+    check_output_folder,
+    latest_checkpoint,
+    no_fit,
+    prune_checkpoints,
+    trim_metrics,
+    write_manifest,
+)
 from .schedule import EpochSampler, SeededItems, lr_multiplier
-
-CHECKPOINT_PREFIX = "checkpoint-"
 
 
 @dataclass
 class TrainConfig:
     """What every training run shares. ``batch_size`` is per process; the global batch is
-    ``batch_size x processes x gradient_accumulation_steps``."""
+    ``batch_size x processes x gradient_accumulation_steps``. Each number's allowed values are part of
+    its type (``fullvq.config.Range``), checked for recipes and Python alike."""
 
     output_dir: str = "runs/train"
     seed: int = 0
-    batch_size: int = 16
-    gradient_accumulation_steps: int = 1
-    max_steps: int | None = None  # optimiser steps; else `epochs` decides
-    epochs: float | None = None
-    learning_rate: float = 1e-4
+    batch_size: Annotated[int, at_least(1)] = 16
+    gradient_accumulation_steps: Annotated[int, at_least(1)] = 1
+    max_steps: Annotated[int, at_least(1)] | None = None  # optimiser steps; else `epochs` decides
+    epochs: Annotated[float, above(0)] | None = None
+    learning_rate: Annotated[float, above(0)] = 1e-4
     scale_lr: bool = True  # peak lr = learning_rate x global batch / reference_batch_size
-    reference_batch_size: int = 128
+    reference_batch_size: Annotated[int, at_least(1)] = 128
     lr_schedule: Literal["annealing", "cosine", "constant"] = "annealing"
-    warmup_epochs: float = 4.0
-    warmup_steps: int | None = None  # overrides warmup_epochs
-    hold_fraction: float = 0.3  # annealing: share of the post-warm-up steps held at the peak
-    warmup_start_ratio: float = 0.005
-    final_lr_ratio: float = 0.01
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.95
-    weight_decay: float = 0.0
-    max_grad_norm: float | None = 1.0
+    warmup_epochs: Annotated[float, at_least(0)] = 4.0
+    warmup_steps: Annotated[int, at_least(0)] | None = None  # overrides warmup_epochs
+    hold_fraction: Annotated[float, within(0, 1)] = 0.3  # annealing: share of the post-warm-up steps held at the peak
+    warmup_start_ratio: Annotated[float, at_least(0)] = 0.005
+    final_lr_ratio: Annotated[float, at_least(0)] = 0.01
+    adam_beta1: Annotated[float, within(0, 1, high_open=True)] = 0.9
+    adam_beta2: Annotated[float, within(0, 1, high_open=True)] = 0.95
+    weight_decay: Annotated[float, at_least(0)] = 0.0
+    max_grad_norm: Annotated[float, at_least(0, "0 or null turns clipping off")] | None = 1.0
     mixed_precision: Literal["no", "bf16", "fp16"] = "no"
-    ema_decay: float | None = None
-    num_workers: int = 2
-    log_every: int = 50
-    sample_every: int = 500
-    checkpoint_every: int = 1000
-    checkpoints_total_limit: int | None = 3
+    ema_decay: Annotated[float, within(0, 1, high_open=True, hint="null turns EMA off")] | None = None
+    num_workers: Annotated[int, at_least(0)] = 2
+    log_every: Annotated[int, at_least(1)] = 50
+    sample_every: Annotated[int, at_least(1)] = 500
+    checkpoint_every: Annotated[int, at_least(1)] = 1000
+    checkpoints_total_limit: Annotated[int, at_least(1, "null keeps every checkpoint")] | None = 3
     resume: str | None = None  # "latest" or a checkpoint folder
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     project_name: str = "fullvq"
 
     def __post_init__(self):
-        positive = ("batch_size", "gradient_accumulation_steps", "log_every", "sample_every", "checkpoint_every",
-                    "reference_batch_size")
-        for name in positive:
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+        check_fields(self)
         if self.max_steps is None and self.epochs is None:
             raise ValueError("set train.max_steps or train.epochs")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate={self.learning_rate} must be > 0")
-        if not 0 <= self.hold_fraction <= 1:
-            raise ValueError(f"hold_fraction={self.hold_fraction} must lie in [0, 1]")
 
 
 # ----------------------------------------------------------------------------- stage interface
@@ -127,32 +132,6 @@ def _to_device(batch, device):
     return batch
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    """The newest ``checkpoint-{step}`` folder in ``output_dir``, or None."""
-    steps = {p: p.name[len(CHECKPOINT_PREFIX):] for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()}
-    found = [p for p, step in steps.items() if step.isdigit()]
-    return max(found, key=lambda p: int(steps[p])) if found else None
-
-
-def resolve_resume(resume: str | None, output_dir: Path) -> Path | None:
-    """The checkpoint folder ``resume`` names, or a clear error before any work starts."""
-    if resume is None:
-        return None
-    if resume == "latest":
-        found = latest_checkpoint(output_dir)
-        if found is None:
-            raise ConfigError(
-                f"resume=latest but {output_dir} holds no {CHECKPOINT_PREFIX}* folder; drop resume to start "
-                "afresh or point train.output_dir at the run to continue"
-            )
-        return found
-    path = Path(resume)
-    if not (path / "trainer_state.json").is_file():
-        raise ConfigError(f"resume={resume!r} is not a checkpoint folder (no trainer_state.json); use resume=latest "
-                          f"or a {CHECKPOINT_PREFIX}<step> folder")
-    return path
-
-
 class Trainer:
     """Runs a stage over ``dataset`` as ``config`` says.
 
@@ -163,17 +142,11 @@ class Trainer:
 
     def __init__(self, config: TrainConfig, make_stage, dataset, full_config=None):
         from accelerate import Accelerator
-        from accelerate.utils import ProjectConfiguration, set_seed
+        from accelerate.utils import ProjectConfiguration
 
         self.config = config
         self.full_config = full_config if full_config is not None else config
         self.output_dir = Path(config.output_dir)
-        self.resume_from = resolve_resume(config.resume, self.output_dir)
-        if self.resume_from is None and latest_checkpoint(self.output_dir) is not None:
-            raise ConfigError(
-                f"{self.output_dir} already holds checkpoints; continue it with train.resume=latest or choose "
-                "another train.output_dir (nothing there was touched)"
-            )
         log_with = None
         if config.tracker == "tensorboard":
             log_with = "tensorboard"
@@ -188,6 +161,21 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.output_dir),
                                                 logging_dir=str(self.output_dir / "logs")),
         )
+        self._lock = None
+        try:
+            self._setup(make_stage, dataset)
+        except BaseException:
+            self._release()
+            raise
+
+    def _setup(self, make_stage, dataset) -> None:
+        from accelerate.utils import set_seed
+
+        config = self.config
+        if self.is_main:  # one run per folder: held until fit() ends (or this process dies)
+            self._lock = hold_folder(self.output_dir, "fullvq training run", log=self.accelerator.print)
+        self.resume_from = check_output_folder(self.output_dir, config.resume, ema=bool(config.ema_decay),
+                                               log=self.accelerator.print)
         set_seed(config.seed)
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
@@ -220,6 +208,11 @@ class Trainer:
         self.ema = None
         self.stage = make_stage(self)
         self.stage.trainer = self
+
+    def _release(self) -> None:
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
 
     # -- helpers for stages
     def lr_factor(self, step: int) -> float:
@@ -296,51 +289,59 @@ class Trainer:
         return list(self.accelerator.unwrap_model(self.stage.models["model"]).parameters())
 
     def save_checkpoint(self) -> Path:
-        """Write ``checkpoint-{step}`` atomically: into a temporary folder, then one rename."""
+        """Write ``checkpoint-{step}`` atomically: into a temporary folder, its manifest last, then one
+        rename. A failed save (a full disk among others) removes the temporary folder and raises."""
         acc = self.accelerator
         final = self.output_dir / f"{CHECKPOINT_PREFIX}{self.step}"
         tmp = staging_path(final)  # one name on every process: they all save into it
         if self.is_main:
             remove(tmp)
         acc.wait_for_everyone()
-        acc.save_state(str(tmp), safe_serialization=True)
-        if self.is_main:
-            if self.ema is not None:
-                from safetensors.torch import save_file
-
-                names = [n for n, _ in acc.unwrap_model(self.stage.models["model"]).named_parameters()]
-                shadow = zip(names, self.ema.shadow_params, strict=True)
-                save_file({n: t.detach().contiguous().cpu() for n, t in shadow}, tmp / "ema.safetensors")
-            state = {"step": self.step, "total_steps": self.total_steps,
-                     "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
-            (tmp / "trainer_state.json").write_text(json.dumps(state))
-            dump_config(self.full_config, tmp / "config.yaml")
-            publish(tmp, final)
-            self._prune_checkpoints()
+        try:
+            with disk_full_as_error(final):
+                acc.save_state(str(tmp), safe_serialization=True)
+                acc.wait_for_everyone()  # every process's files are in before the manifest lists them
+                if self.is_main:
+                    self._write_checkpoint_extras(tmp)
+                    write_manifest(tmp, self.step)
+                    publish(tmp, final)
+                    prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
+        except BaseException:
+            if self.is_main:
+                remove(tmp)
+            raise
         acc.wait_for_everyone()
         return final
 
-    def _prune_checkpoints(self) -> None:
-        limit = self.config.checkpoints_total_limit
-        if not limit:
-            return
-        found = sorted((p for p in self.output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.is_dir()),
-                       key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
-        for old in found[:-limit]:
-            shutil.rmtree(old, ignore_errors=True)
+    def _write_checkpoint_extras(self, folder: Path) -> None:
+        """EMA weights, the trainer state and the resolved config (main process)."""
+        if self.ema is not None:
+            from safetensors.torch import save_file
+
+            names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
+            shadow = zip(names, self.ema.shadow_params, strict=True)
+            save_file({n: t.detach().contiguous().cpu() for n, t in shadow}, folder / "ema.safetensors")
+        state = {"step": self.step, "total_steps": self.total_steps,
+                 "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
+        (folder / "trainer_state.json").write_text(json.dumps(state))
+        dump_config(self.full_config, folder / "config.yaml")
 
     def _load_checkpoint(self, folder: Path) -> None:
-        self.accelerator.load_state(str(folder))
+        """Restore ``folder``; a CheckpointError naming it (and the settings changed since) if it cannot."""
+        from accelerate.utils.other import TORCH_SAFE_GLOBALS
+
+        check_checkpoint_files(folder, tuple(TORCH_SAFE_GLOBALS))
+        try:
+            self.accelerator.load_state(str(folder))
+        except Exception as error:
+            raise CheckpointError(f"cannot resume from {folder}: {no_fit(error, folder, to_dict(self.full_config))}") \
+                from None
         state = json.loads((folder / "trainer_state.json").read_text())
         self.step = int(state["step"])
         if self.ema is not None:
             from safetensors.torch import load_file
 
-            ema_file = folder / "ema.safetensors"
-            if not ema_file.is_file():
-                raise ConfigError(f"{folder} was saved without EMA but train.ema_decay is set; resume with the "
-                                  "run's own settings (its config.yaml)")
-            shadow = load_file(ema_file)
+            shadow = load_file(folder / "ema.safetensors")
             names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
             for name, target in zip(names, self.ema.shadow_params, strict=True):
                 target.copy_(shadow[name].to(target.device))
@@ -370,12 +371,20 @@ class Trainer:
             acc.print(f"resumed from {self.resume_from} at step {self.step}")
 
     def fit(self) -> dict:
-        """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON)."""
+        """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON).
+        The output folder's lock is released when it returns or raises."""
+        try:
+            return self._fit()
+        finally:
+            self._release()
+
+    def _fit(self) -> dict:
         c, acc, stage = self.config, self.accelerator, self.stage
+        self.prepare()  # a checkpoint that cannot be resumed stops the run here, before anything is written
         if self.is_main:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             dump_config(self.full_config, self.output_dir / "config.yaml")
-        self.prepare()
+            trim_metrics(self.output_dir / "metrics.jsonl", self.step)  # a resumed run logs each step once
         if acc.is_main_process and c.tracker != "none":
             acc.init_trackers(c.project_name, config=_flatten(to_dict(self.full_config)))
 
@@ -456,7 +465,8 @@ class Trainer:
             if self.ema is not None:
                 self.ema.store(params)
                 self.ema.copy_to(params)
-            self.stage.save_model(model, self.output_dir / "model")
+            with disk_full_as_error(self.output_dir / "model"):
+                self.stage.save_model(model, self.output_dir / "model")
             if self.ema is not None:
                 self.ema.restore(params)
             dump_config(self.full_config, self.output_dir / "model" / "train_config.yaml")
@@ -486,5 +496,4 @@ __all__ = [
     "TrainingStage",
     "CHECKPOINT_PREFIX",
     "latest_checkpoint",
-    "resolve_resume",
 ]
