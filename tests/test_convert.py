@@ -658,15 +658,18 @@ def test_gpt_and_tokenizer_convert_into_one_pipeline_with_imagenet_labels(tmp_pa
 # ---------------------------------------------------------------------------------------------
 
 
-def test_state_dict_is_found_under_ema_model_or_the_root_and_wrappers_are_stripped(tmp_path):
+def test_state_dict_is_found_under_model_ema_or_the_root_and_wrappers_are_stripped(tmp_path):
+    """Issue 19, class 18: "model" by default, as LlamaGen's own sampling scripts read it; --weights ema
+    picks the EMA weights; the reason is always given."""
     a, b = llamagen_vq_state(), llamagen_vq_state()
     path = save(tmp_path / "both.pt", {"model": a, "ema": b, "args": argparse.Namespace(ema=True)})
-    state, where = load_checkpoint(path)
-    assert where == "ema" and torch.equal(state["quant_conv.weight"], b["quant_conv.weight"])
-    state, where = load_checkpoint(path, weights="model")
+    state, where, why = load_checkpoint(path)
     assert where == "model" and torch.equal(state["quant_conv.weight"], a["quant_conv.weight"])
-    state, where = load_checkpoint(save(tmp_path / "ddp.pt", {f"module.{k}": v for k, v in a.items()}))
-    assert where == "root" and set(state) == set(a)
+    assert "'ema'" in why and "--weights ema" in why
+    state, where, why = load_checkpoint(path, weights="ema")
+    assert where == "ema" and torch.equal(state["quant_conv.weight"], b["quant_conv.weight"]) and "--weights" in why
+    state, where, why = load_checkpoint(save(tmp_path / "ddp.pt", {f"module.{k}": v for k, v in a.items()}))
+    assert where == "root" and set(state) == set(a) and why
 
 
 class Opaque:  # an object weights_only loading refuses to build
@@ -693,10 +696,13 @@ def _corrupt(kind, tmp_path):
         return str(tmp_path / "c.pt"), "cannot be read"
     if kind == "code":
         return save(tmp_path / "c.pt", {"model": state, "extra": Opaque()}), "weights_only=True"
+    if kind == "text":  # issue 19, class 15
+        (tmp_path / "c.pt").write_text("epoch,loss\n1,0.5\n")
+        return str(tmp_path / "c.pt"), "is not a PyTorch checkpoint"
     raise AssertionError(kind)
 
 
-@pytest.mark.parametrize("kind", ["missing", "unknown", "shape", "other-kind", "truncated", "code"])
+@pytest.mark.parametrize("kind", ["missing", "unknown", "shape", "other-kind", "truncated", "code", "text"])
 def test_corrupted_checkpoint_is_refused_naming_the_problem_and_nothing_is_written(kind, tmp_path, capsys):
     checkpoint, message = _corrupt(kind, tmp_path)
     out = tmp_path / "out" / "tokenizer"
@@ -734,8 +740,57 @@ def test_a_converted_folder_carries_a_card_naming_its_source(tmp_path):
 
     gpt = save(tmp_path / "c2i_B_256.pt", {"model": llamagen_gpt_state(n_layer=1)})
     assert main(["convert", "--from", "llamagen-gpt", gpt, "--out", str(tmp_path / "gpt"),
-                 "--num-heads", str(GPT_HEADS)]) == 0
+                 "--num-heads", str(GPT_HEADS), "--grid-size", "4"]) == 0
     card = (tmp_path / "gpt" / "README.md").read_text()
     meta = yaml.safe_load(card.split("---\n")[1])
     assert meta["license"] == "other" and meta["fullvq"]["source"] == "llamagen-gpt checkpoint c2i_B_256.pt"
     assert "converted from llamagen-gpt checkpoint c2i_B_256.pt" in card
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 19, class 18: infer what the checkpoint shows, refuse to guess, name unsupported variants
+# ---------------------------------------------------------------------------------------------
+
+
+def test_gpt_grid_comes_from_its_caches_or_is_asked_for_never_guessed(tmp_path, capsys):
+    state = llamagen_gpt_state(n_layer=1)
+    with pytest.raises(ConversionError, match="--grid-size"):
+        convert_llamagen_gpt(state, num_heads=GPT_HEADS)
+    # LlamaGen's KV caches hold 1 + grid^2 positions, rounded up to a multiple of 8 (1 + 6^2 = 37 -> 40).
+    state["layers.0.attention.kv_cache.k_cache"] = torch.zeros(2, GPT_HEADS, 40, GPT_WIDTH // GPT_HEADS)
+    state["layers.0.attention.kv_cache.v_cache"] = torch.zeros(2, GPT_HEADS, 40, GPT_WIDTH // GPT_HEADS)
+    conversion = convert_llamagen_gpt(state, num_heads=GPT_HEADS)
+    assert conversion.model.config.grid_size == [6, 6] and any("k_cache" in note for note in conversion.notes)
+    with pytest.raises(ConversionError, match="grid_size=4 but"):
+        convert_llamagen_gpt(state, grid_size=4, num_heads=GPT_HEADS)
+
+    gpt = save(tmp_path / "gpt.pt", {"model": llamagen_gpt_state(n_layer=1)})
+    assert main(["convert", "--from", "llamagen-gpt", gpt, "--num-heads", str(GPT_HEADS),
+                 "--out", str(tmp_path / "g")]) == 2
+    assert "--grid-size" in capsys.readouterr().err and not (tmp_path / "g").exists()
+
+
+def test_a_paired_tokenizer_without_an_image_size_takes_the_gpts_grid_or_is_refused(tmp_path, capsys):
+    vq = save(tmp_path / "vq.pt", {"model": llamagen_vq_state()})
+    gpt_state = llamagen_gpt_state(n_layer=1)
+    gpt = save(tmp_path / "gpt.pt", {"model": gpt_state})
+    args = ["convert", "--from", "llamagen-gpt", gpt, "--tokenizer-checkpoint", vq, "--num-heads", str(GPT_HEADS)]
+    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert "--resolution" in capsys.readouterr().err and not (tmp_path / "a").exists()
+
+    gpt_state["freqs_cis"] = ref_freqs_cis_2d(6, GPT_WIDTH // GPT_HEADS)  # the GPT records a 6 x 6 grid
+    gpt = save(tmp_path / "gpt.pt", {"model": gpt_state})
+    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert "sample_size=24" in capsys.readouterr().out  # 6 tokens x the tokenizer's 4x downsampling
+    from fullvq.pipelines.autoregressive import FullVQPipeline
+
+    pipe = FullVQPipeline.from_pretrained(tmp_path / "b")
+    assert pipe.gpt.config.grid_size == [6, 6] and pipe.tokenizer.config.sample_size == 24
+
+
+def test_fvq_ablation_bridges_are_named_unsupported():
+    state = llamagen_vq_state()
+    state["quantize.qbridge.linear.weight"] = torch.randn(8, 8)  # a linear bridge (FVQ's Qbridge-lin ablations)
+    state["quantize.qbridge.linear.bias"] = torch.randn(8)
+    with pytest.raises(ConversionError, match="unsupported FVQ variant.*Qbridge-lin"):
+        convert_fvq(state)

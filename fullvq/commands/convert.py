@@ -25,10 +25,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("checkpoint", help="the original .pt / .pth checkpoint")
     add_renamed(parser, "--output", "--out", required=True, help="output folder (written atomically)")
     parser.add_argument("--weights", default="auto",
-                        help="state dict to read: auto (ema, model, module, state_dict, else the file's dict), "
-                             "one of those keys, or root")
-    add_renamed(parser, "--resolution", "--image-size", type=int, default=256,
-                help="the tokenizer's image side (sample_size) in pixels (default 256)")
+                        help="state dict to read: auto (model, ema, module, state_dict, else the file's dict; "
+                             "model first, as LlamaGen's sampling scripts), one of those keys, or root")
+    add_renamed(parser, "--resolution", "--image-size", type=int, default=None,
+                help="the tokenizer's image side (sample_size) in pixels (a tokenizer alone: default 256; a GPT "
+                     "with --tokenizer-checkpoint: taken from the GPT's grid when it records one)")
     norm = parser.add_mutually_exclusive_group()
     norm.add_argument("--l2-norm", dest="l2_norm", action="store_true", default=None,
                       help="codebook search on the unit sphere (default for llamagen-vq)")
@@ -36,7 +37,9 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                       help="plain L2 codebook search (default for fvq)")
     parser.add_argument("--codebook", help="vqgan-lc: its frozen codebook file, when the checkpoint lacks "
                                            "tok_embeddings.weight")
-    parser.add_argument("--grid-size", type=int, help="llamagen-gpt: token grid side (16 for 256 px, 24 for 384 px)")
+    parser.add_argument("--grid-size", type=int,
+                        help="llamagen-gpt: token grid side (16 for 256 px, 24 for 384 px); needed only when "
+                             "neither the checkpoint nor the paired tokenizer's --resolution tells it")
     parser.add_argument("--num-heads", type=int,
                         help="llamagen-gpt: attention heads (default: LlamaGen's for the width)")
     parser.add_argument("--num-classes", type=int, help="llamagen-gpt: classes (default: class-table rows - 1)")

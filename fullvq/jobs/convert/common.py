@@ -9,7 +9,6 @@ problem at once.
 from __future__ import annotations
 
 import argparse
-import pickle
 import re
 from collections import Counter
 from dataclasses import dataclass, field
@@ -17,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ...io import load_torch_file
+from ...io import NotACheckpointError, UnsafeFileError, load_torch_file
 
 SOURCES = ("llamagen-vq", "llamagen-gpt", "fvq", "vqgan-lc")
 TOKENIZER_SOURCES = ("llamagen-vq", "fvq", "vqgan-lc")
 
-# Where training scripts keep the model's state dict, in the order "auto" tries them (EMA first, as
-# LlamaGen's reconstruction script does).
-STATE_DICT_KEYS = ("ema", "model", "module", "state_dict")
+# Where training scripts keep the model's state dict, in the order "auto" tries them: "model" first, as
+# LlamaGen's own sampling scripts read it (--weights ema picks the EMA weights).
+STATE_DICT_KEYS = ("model", "ema", "module", "state_dict")
 # Prefixes added by DDP and torch.compile when a wrapped model's state dict is saved.
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
@@ -136,15 +135,16 @@ def listing(keys: list[str], limit: int = 12) -> str:
     return f"[{shown}{f', ... ({len(keys) - limit} more)' if len(keys) > limit else ''}]"
 
 
-def load_checkpoint(path: str | Path, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str]:
+def load_checkpoint(path: str | Path, weights: str = "auto") -> tuple[dict[str, torch.Tensor], str, str]:
     """Read a ``.pt``/``.pth`` checkpoint with ``weights_only=True`` (no code runs).
 
     Args:
-        weights: which state dict to take: ``"auto"`` (the first of ``ema``, ``model``, ``module``,
+        weights: which state dict to take: ``"auto"`` (the first of ``model``, ``ema``, ``module``,
             ``state_dict`` present, else the file's dict itself), one of those keys, or ``"root"``.
 
     Returns:
-        ``(state_dict, where)`` with DDP / torch.compile prefixes removed; ``where`` names the key used.
+        ``(state_dict, where, why)`` with DDP / torch.compile prefixes removed; ``where`` names the key
+        used and ``why`` says why that one.
     """
     path = Path(path)
     if not path.is_file():
@@ -152,18 +152,16 @@ def load_checkpoint(path: str | Path, weights: str = "auto") -> tuple[dict[str, 
     try:
         # Training scripts store their argparse.Namespace beside the weights; it holds plain values.
         obj = load_torch_file(path, allowed_globals=(argparse.Namespace,))
-    except (pickle.UnpicklingError, RuntimeError, EOFError, ValueError, OSError) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConversionError(
-            f"{path} cannot be read as a PyTorch checkpoint with weights_only=True ({first_line}); "
-            "it is truncated, not a torch.save file, or holds objects other than tensors and plain values"
-        ) from None
+    except (UnsafeFileError, NotACheckpointError) as error:
+        raise ConversionError(str(error)) from None
     if not isinstance(obj, dict):
         raise ConversionError(f"{path} holds a {type(obj).__name__}, not a dict of tensors (a state dict)")
+    present = [key for key in STATE_DICT_KEYS if isinstance(obj.get(key), dict)]
     if weights == "auto":
-        where = next((key for key in STATE_DICT_KEYS if isinstance(obj.get(key), dict)), "root")
+        where = present[0] if present else "root"
+        why = _choice_reason(where, present)
     elif weights == "root" or isinstance(obj.get(weights), dict):
-        where = weights
+        where, why = weights, f"as --weights {weights} asks"
     else:
         found = [key for key, value in obj.items() if isinstance(value, dict)]
         raise ConversionError(f"{path} has no state dict under {weights!r}; its dict entries are {found}")
@@ -177,7 +175,18 @@ def load_checkpoint(path: str | Path, weights: str = "auto") -> tuple[dict[str, 
     for prefix in WRAPPER_PREFIXES:
         if state and all(key.startswith(prefix) for key in state):
             state = {key[len(prefix):]: value for key, value in state.items()}
-    return dict(state), where
+    return dict(state), where, why
+
+
+def _choice_reason(where: str, present: list[str]) -> str:
+    """Why ``load_checkpoint`` took ``where`` by itself, for the log."""
+    if where == "root":
+        return f"the file holds none of {', '.join(STATE_DICT_KEYS)}"
+    others = [key for key in present if key != where]
+    if where == "model" and "ema" in others:
+        return ("the file also holds 'ema'; LlamaGen's own sampling scripts read 'model' "
+                "(pass --weights ema for the EMA weights)")
+    return f"the first of {', '.join(STATE_DICT_KEYS)} it holds" + (f" (also: {', '.join(others)})" if others else "")
 
 
 def detect_source(state: dict[str, torch.Tensor]) -> str | None:

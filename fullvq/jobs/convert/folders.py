@@ -19,7 +19,7 @@ from ...pipelines.autoregressive import FullVQPipeline
 from ...tokenizer.modeling import FVQModel
 from .common import SOURCES, TOKENIZER_SOURCES, Conversion, ConversionError, load_checkpoint
 from .fvq import convert_fvq
-from .llamagen import convert_llamagen_gpt, convert_llamagen_vq
+from .llamagen import convert_llamagen_gpt, convert_llamagen_vq, llamagen_grid
 from .vqgan_lc import convert_vqgan_lc
 
 CONVERTERS = {
@@ -46,7 +46,7 @@ def convert_checkpoint(
     out: str | Path,
     *,
     weights: str = "auto",
-    image_size: int = 256,
+    image_size: int | None = None,
     l2_norm: bool | None = None,
     codebook: str | Path | None = None,
     grid_size: int | None = None,
@@ -64,7 +64,10 @@ def convert_checkpoint(
     """Convert ``checkpoint`` of kind ``source`` and write a fullvq folder at ``out``.
 
     ``bridge_heads`` and ``bridge_class`` concern FVQ checkpoints that hold the VQBridge (see
-    :func:`convert_fvq`).
+    :func:`convert_fvq`). ``image_size`` is the tokenizer's ``sample_size`` (a tokenizer alone: 256
+    when not given). A GPT's token grid is taken from what the files record (its rotary table or
+    caches; else ``grid_size``; else the paired tokenizer at a known image size); failing all of
+    them the conversion is refused rather than guessed.
 
     A tokenizer becomes an :class:`FVQModel` folder, a GPT a :class:`FullVQGPT` folder, and a GPT with
     ``tokenizer_checkpoint`` (an original checkpoint of ``tokenizer_source``, or a fullvq tokenizer
@@ -83,11 +86,11 @@ def convert_checkpoint(
         raise FileExistsError(f"{out} already exists; {_EXISTS_HINT}")
 
     bridge = {"bridge_heads": bridge_heads, "bridge_class": bridge_class}
-    state, where = load_checkpoint(checkpoint, weights)
-    log(f"read {len(state)} tensors from {checkpoint} ({_where(where)})")
+    state, where, why = load_checkpoint(checkpoint, weights)
+    log(f"read {len(state)} tensors from {checkpoint} ({_where(where)}: {why})")
     origin = f"{source} checkpoint {Path(checkpoint).name}"
     if source != "llamagen-gpt":
-        conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm, bridge)
+        conversion = _convert_tokenizer(state, source, image_size or 256, codebook, l2_norm, bridge)
         _report(conversion, log)
         model = conversion.model.to(dtype)
         _save(model, out, overwrite, origin)
@@ -97,13 +100,9 @@ def convert_checkpoint(
 
     tokenizer = None
     if tokenizer_checkpoint is not None:
-        tokenizer = _load_tokenizer(tokenizer_checkpoint, tokenizer_source, tokenizer_weights, image_size,
-                                    codebook, l2_norm, log, bridge)
-        tokenizer_grid = tokenizer.latent_grid()
-        if tokenizer_grid[0] != tokenizer_grid[1]:
-            raise ConversionError(f"the tokenizer's latent grid {tokenizer_grid} is not square, as LlamaGen's is")
-        if grid_size is None and "freqs_cis" not in state:
-            grid_size = tokenizer_grid[0]
+        tokenizer, size_known = _load_tokenizer(tokenizer_checkpoint, tokenizer_source, tokenizer_weights, image_size,
+                                                codebook, l2_norm, log, bridge)
+        grid_size = _paired_grid(state, tokenizer, grid_size, size_known, log)
     conversion = convert_llamagen_gpt(state, grid_size=grid_size, num_heads=num_heads, num_classes=num_classes)
     _report(conversion, log)
     gpt = conversion.model.to(dtype)
@@ -137,17 +136,39 @@ def _save_pipeline(tokenizer: FVQModel, gpt, out: Path, overwrite: bool, log, or
     log(f"wrote FullVQPipeline (tokenizer + GPT{' + ImageNet id2label' if id2label else ''}) to {out}")
 
 
-def _load_tokenizer(path: str | Path, source: str, weights: str, image_size: int, codebook,
-                    l2_norm: bool | None, log, bridge: dict | None = None) -> FVQModel:
+def _load_tokenizer(path: str | Path, source: str, weights: str, image_size: int | None, codebook,
+                    l2_norm: bool | None, log, bridge: dict | None = None) -> tuple[FVQModel, bool]:
+    """The paired tokenizer, and whether its image size is known (a fullvq folder, or ``image_size``)."""
     path = Path(path)
     if path.is_dir():  # an already converted (or trained) fullvq tokenizer folder
         log(f"tokenizer: fullvq folder {path}")
-        return FVQModel.from_pretrained(path).eval()
-    state, where = load_checkpoint(path, weights)
-    log(f"tokenizer: read {len(state)} tensors from {path} ({_where(where)})")
-    conversion = _convert_tokenizer(state, source, image_size, codebook, l2_norm, bridge)
+        return FVQModel.from_pretrained(path).eval(), True
+    state, where, why = load_checkpoint(path, weights)
+    log(f"tokenizer: read {len(state)} tensors from {path} ({_where(where)}: {why})")
+    conversion = _convert_tokenizer(state, source, image_size or 256, codebook, l2_norm, bridge)
     _report(conversion, log)
-    return conversion.model
+    return conversion.model, image_size is not None
+
+
+def _paired_grid(state, tokenizer: FVQModel, grid_size: int | None, size_known: bool, log) -> int:
+    """The GPT's grid side when paired with ``tokenizer``: what the GPT records or ``grid_size`` (then
+    the tokenizer's unknown image size follows from it), else the tokenizer's grid at its known size."""
+    grid = tokenizer.latent_grid()
+    if grid[0] != grid[1]:
+        raise ConversionError(f"the tokenizer's latent grid {grid} is not square, as LlamaGen's is")
+    side = grid_size or llamagen_grid(state)[0]
+    factor = tokenizer.downsample_factor
+    if side is None:
+        if not size_known:
+            raise ConversionError("neither the GPT checkpoint nor the tokenizer checkpoint records the image size; "
+                                  "pass --resolution 256 or 384 (or --grid-size 16 or 24)")
+        log(f"  note: grid {grid[0]}x{grid[0]} taken from the tokenizer at sample_size={tokenizer.config.sample_size}")
+        return grid[0]
+    if not size_known:
+        tokenizer.register_to_config(sample_size=side * factor)
+        log(f"  note: tokenizer sample_size={side * factor}, from the GPT's {side}x{side} grid and the tokenizer's "
+            f"{factor}x downsampling")
+    return side
 
 
 def _convert_tokenizer(state, source: str, image_size: int, codebook, l2_norm: bool | None,

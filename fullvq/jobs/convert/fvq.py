@@ -41,6 +41,13 @@ def convert_fvq(state: dict[str, torch.Tensor], *, image_size: int = 256, l2_nor
         return convert_llamagen_vq(state, image_size=image_size, l2_norm=l2_norm, source="fvq")
     check_family(state, "fvq")
     source = "fvq"
+    if f"{prefix}.x_embedder.proj.weight" not in state:
+        names = sorted({key[len(prefix) + 1:].split(".")[0] for key in state if key.startswith(prefix + ".")})
+        raise ConversionError(
+            f"unsupported FVQ variant: its bridge {prefix} holds {names}, not the transformer VQBridge "
+            "(x_embedder, blocks, final_layer) of FVQ's paper and releases; ablation bridges such as FVQ's "
+            "Qbridge-lin (a linear map) are not supported. Convert the released VQGAN-format file instead"
+        )
     codebook_size, codebook_dim = shape_of(state, "quantize.embedding.weight", source)
     width, channels, patch, patch_w = shape_of(state, f"{prefix}.x_embedder.proj.weight", source)
     if channels != codebook_dim or patch != patch_w:

@@ -79,8 +79,8 @@ def convert_llamagen_gpt(state: dict[str, torch.Tensor], *, grid_size: int | Non
     """LlamaGen's class-to-image GPT state dict -> :class:`FullVQGPT`.
 
     Args:
-        grid_size: token grid side (16 for 256 px, 24 for 384 px with VQ-16); read from ``freqs_cis``
-            when the checkpoint has it, else required unless the default 16 is right.
+        grid_size: token grid side (16 for 256 px, 24 for 384 px with VQ-16); read from the checkpoint
+            where it records it (see :func:`llamagen_grid`), else required.
         num_heads: attention heads; by default LlamaGen's for the width (768 -> 12, 1024 -> 16, ...).
         num_classes: class count; by default the class table's rows - 1 (the last row is the null class).
     """
@@ -117,6 +117,25 @@ def convert_llamagen_gpt(state: dict[str, torch.Tensor], *, grid_size: int | Non
     return mapping.finish(FullVQGPT(config))
 
 
+def llamagen_grid(state: dict[str, torch.Tensor]) -> tuple[int | None, str]:
+    """The token grid side a LlamaGen GPT checkpoint records, and where it was read: its 2D rotary
+    table ``freqs_cis`` (1 + grid^2 rows), else the length of its causal mask or KV caches (1 + grid^2,
+    which LlamaGen's ``setup_caches`` rounds up to a multiple of 8); ``(None, "")`` when it records none."""
+    if "freqs_cis" in state:
+        positions = state["freqs_cis"].shape[0]
+        side = math.isqrt(max(positions - 1, 0))
+        if side * side != positions - 1:
+            raise ConversionError(f"freqs_cis has {positions} rows, not 1 class token + a square grid")
+        return side, "freqs_cis"
+    for key, tensor in state.items():
+        if key == "causal_mask" or key.endswith(".attention.kv_cache.k_cache"):
+            length = tensor.shape[-1] if key == "causal_mask" else tensor.shape[-2]
+            side = math.isqrt(max(length - 1, 0))
+            if side and length - (1 + side * side) < 8 and (length % 8 == 0 or length == 1 + side * side):
+                return side, f"{key} ({length} positions)"
+    return None, ""
+
+
 def _gpt_config(state: dict[str, torch.Tensor], grid_size: int | None, num_heads: int | None,
                 num_classes: int | None) -> tuple[FullVQGPTConfig, list[str]]:
     """The FullVQGPT config a LlamaGen GPT's shapes (and the given overrides) imply, and notes on
@@ -137,17 +156,16 @@ def _gpt_config(state: dict[str, torch.Tensor], grid_size: int | None, num_heads
     if qkv_rows != 3 * hidden_size:
         raise ConversionError(f"layers.0.attention.wqkv.weight has {qkv_rows} rows, not 3 x {hidden_size}: grouped "
                               "key/value heads (n_kv_head < n_head), which FullVQGPT does not have")
-    if "freqs_cis" in state:
-        positions = shape_of(state, "freqs_cis", source)[0]
-        side = math.isqrt(positions - 1)
-        if side * side != positions - 1:
-            raise ConversionError(f"freqs_cis has {positions} rows, not 1 class token + a square grid")
+    side, where = llamagen_grid(state)
+    if side is not None:
         if grid_size is not None and grid_size != side:
-            raise ConversionError(f"grid_size={grid_size} but the checkpoint's freqs_cis is for a {side}x{side} grid")
+            raise ConversionError(f"grid_size={grid_size} but the checkpoint's {where} is for a {side}x{side} grid")
         grid_size = side
+        notes.append(f"grid {side}x{side}, read from the checkpoint's {where}")
     elif grid_size is None:
-        grid_size = 16
-        notes.append("grid 16x16 assumed (256 px with a 16x-downsampling tokenizer); pass --grid-size 24 for 384 px")
+        raise ConversionError("the llamagen-gpt checkpoint does not record its token grid (no rotary table or KV "
+                              "cache); pass --grid-size 16 for 256 px or 24 for 384 px (with a 16x tokenizer), or "
+                              "--resolution with --tokenizer-checkpoint")
     class_rows = shape_of(state, "cls_embedding.embedding_table.weight", source)[0]
     if num_classes is None:
         num_classes = class_rows - 1
@@ -181,4 +199,4 @@ def _map_layer(mapping: KeyMapping, source: str, target: str, hidden_size: int, 
     mapping.copy(f"{target}.post_attention_layernorm.weight", f"{source}.ffn_norm.weight")
 
 
-__all__ = ["convert_llamagen_vq", "convert_llamagen_gpt", "interleaved_to_half", "llamagen_freqs_cis"]
+__all__ = ["convert_llamagen_vq", "convert_llamagen_gpt", "interleaved_to_half", "llamagen_freqs_cis", "llamagen_grid"]
