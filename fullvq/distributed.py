@@ -20,31 +20,29 @@ def process_state():
     return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
 
 
-def gather_in_order(indices: list[int], tensors: list[torch.Tensor | None], total: int) -> list[torch.Tensor | None]:
+def gather_in_order(indices: list[int], tensors: list[torch.Tensor | None], total: int,
+                    skipped: list[int] = ()) -> list[torch.Tensor | None]:
     """Every process's ``(indices, tensors)`` -> the full tensors in dataset order, on every process.
 
     ``indices`` are this process's item positions in ``[0, total)``; ``tensors[j]`` holds one row per
-    index (or None when this process has none of that kind). Raises when the shares do not cover
+    index (or None when this process has none of that kind); ``skipped`` are its positions that gave
+    no row (unreadable images), left out of the result. Raises when the shares do not cover
     ``[0, total)`` exactly.
     """
     from accelerate.utils import gather_object
 
-    parts = [(indices, tensors)]
+    parts = [(list(indices), list(skipped), tensors)]
     if process_state().num_processes > 1:
         parts = gather_object(parts)
-    order = torch.tensor([i for part_indices, _ in parts for i in part_indices], dtype=torch.long)
-    if sorted(order.tolist()) != list(range(total)):
-        raise RuntimeError(f"gathered {len(order)} items for a set of {total}: a process lost its share")
+    order = torch.tensor([i for part_indices, _, _ in parts for i in part_indices], dtype=torch.long)
+    covered = order.tolist() + [i for _, part_skipped, _ in parts for i in part_skipped]
+    if sorted(covered) != list(range(total)):
+        raise RuntimeError(f"gathered {len(covered)} items for a set of {total}: a process lost its share")
+    rank = order.argsort()
     results = []
     for position in range(len(tensors)):
-        pieces = [part_tensors[position] for _, part_tensors in parts if part_tensors[position] is not None]
-        if not pieces:
-            results.append(None)
-            continue
-        stacked = torch.cat(pieces)
-        out = torch.empty_like(stacked)
-        out[order] = stacked
-        results.append(out)
+        pieces = [part_tensors[position] for _, _, part_tensors in parts if part_tensors[position] is not None]
+        results.append(torch.cat(pieces)[rank] if pieces else None)
     return results
 
 

@@ -164,4 +164,4 @@ def test_the_app_command_refuses_a_missing_folder_before_loading_anything(capsys
     from fullvq.cli import main
 
     assert main(["app", "no/such/folder"]) == 2
-    assert "no/such/folder is not a folder" in capsys.readouterr().err
+    assert "no such folder" in capsys.readouterr().err

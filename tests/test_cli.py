@@ -55,7 +55,7 @@ def test_user_errors_are_reported_as_argparse_reports_them(tmp_path, capsys):
     code = main(["cache-tokens", "--tokenizer", str(tmp_path / "none"), "--data", "demo", "--output", str(tmp_path)])
     err = capsys.readouterr().err
     assert code == 2 and err.startswith("usage: fullvq cache-tokens")
-    assert "fullvq cache-tokens: error: tokenizer folder" in err and "does not exist" in err
+    assert "fullvq cache-tokens: error: no such folder: tokenizer" in err and "does not exist" in err
     assert main(["sample", "--no-such-flag"]) == 2  # argparse's own errors: the same status, no SystemExit
 
 

@@ -2,6 +2,9 @@
 
 import io
 import os
+import subprocess
+import sys
+from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -251,3 +254,31 @@ def test_train_transform_varies_and_eval_transform_does_not():
     photo = _random_rgb(np.random.default_rng(6), 30, 50)
     first, second = evaluate(photo), evaluate(photo)
     assert torch.equal(first, second) and first.shape == (3, RES, RES)
+
+
+def test_huge_and_extreme_images_are_reduced_cheaply_before_resizing(tmp_path):
+    """Issue 19, also seen: a 2 x 4000 px strip is cut to a sane aspect ratio, a big image box-reduced,
+    before any resize, keeping the short side a transform needs."""
+    from fullvq.data import MAX_ASPECT_RATIO, fit_image
+
+    strip = fit_image(Image.new("RGB", (2, 4000)), side=320)
+    assert strip.size == (2, int(2 * MAX_ASPECT_RATIO))
+    big = fit_image(Image.new("RGB", (3000, 2000)), side=320)
+    assert big.size == (500, 334) and min(big.size) >= 320  # reduced 6x (PIL rounds up)
+    assert fit_image(Image.new("RGB", (500, 375)), side=320).size == (500, 375)  # ordinary photos untouched
+
+    script = f"""
+import resource, sys
+from PIL import Image
+from fullvq.data import build_dataset
+Image.new("RGB", (2, 4000), (200, 10, 10)).save("{tmp_path}/a/strip.png")
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+item = build_dataset("{tmp_path}/a", resolution=256, train=False)[0]
+assert tuple(item["pixel_values"].shape) == (3, 256, 256)
+print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)
+"""
+    (tmp_path / "a").mkdir()
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]), OMP_NUM_THREADS="1")
+    run = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-2000:]
+    assert int(run.stdout.split()[-1]) < 200  # MiB of extra peak memory (1,400 before the cut)

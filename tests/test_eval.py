@@ -242,6 +242,23 @@ def test_rfid_job_writes_a_complete_report(tmp_path, inception_weights):
     assert "lpips" in distributed["unavailable"]
 
 
+def test_rfid_skips_and_reports_unreadable_images_instead_of_counting_another_twice(tmp_path, inception_weights,
+                                                                                    digit_folder):
+    """Issue 19, also seen: an unreadable file is left out and named, never filled by the next image."""
+    import shutil
+
+    folder = tmp_path / "images"
+    shutil.copytree(digit_folder, folder)
+    (folder / "003b.png").write_bytes(b"\x89PNG not an image")  # sorts between 003.png and 004.png
+    tiny_tokenizer().save_pretrained(tmp_path / "tokenizer")
+    with pytest.warns(RuntimeWarning, match="003b.png"):
+        report = evaluate_reconstruction(tmp_path / "tokenizer", str(folder), tmp_path / "rfid", batch_size=3,
+                                         inception_weights=inception_weights, lpips=False, num_grid=2)
+    assert report["num_images"] == NUM_DIGITS and report["skipped_unreadable_files"] == 1
+    assert report["skipped_files"][0].endswith("003b.png")
+    assert report["metrics"]["tokens"] == NUM_DIGITS * 8 * 8  # each readable image counted once
+
+
 def test_rfid_job_with_a_missing_weights_file_reports_incomplete(tmp_path):
     with pytest.raises(FileNotFoundError, match="convert-inception"):
         evaluate_reconstruction(tiny_tokenizer(), "demo", tmp_path, num_images=4, lpips=False,

@@ -143,3 +143,15 @@ def test_fvq_settings_derived_from_k_are_saved_so_a_new_default_cannot_change_a_
     assert loaded.quantize.group_size == 1
     with torch.no_grad():
         assert torch.equal(loaded.quantize.codebook(), model.quantize.codebook())
+
+
+def test_a_folder_without_weights_is_reported_in_fullvqs_words(tmp_path, tiny_tokenizer_config):
+    """Issue 19, also seen: not diffusers' ``diffusion_pytorch_model.bin`` message."""
+    make(tiny_tokenizer_config).save_pretrained(tmp_path / "model")
+    for weights in (tmp_path / "model").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match="holds config.json but no weights") as error:
+        FVQModel.from_pretrained(tmp_path / "model")
+    assert "diffusion_pytorch_model.bin" not in str(error.value)
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        FVQModel.from_pretrained(tmp_path / "missing")

@@ -75,6 +75,7 @@ def test_a_hub_id_is_fetched_with_the_component_folders_then_loaded_locally(save
         return str(saved)
 
     monkeypatch.setattr(base, "snapshot_download", fake_snapshot_download)
+    monkeypatch.delenv("HF_HUB_OFFLINE")  # a fetch from the hub (faked), as when online
     loaded = FullVQPipeline.from_pretrained("someone/fullvq-tiny", revision="v1")
     assert calls == [("someone/fullvq-tiny", dict(allow_patterns=["model_index.json", "tokenizer/*", "gpt/*"],
                                                   revision="v1"))]
@@ -224,3 +225,37 @@ def test_sample_command_writes_pngs_and_a_grid(saved, tmp_path, capsys):
 
     assert main(["sample", str(saved), "--labels", "golden retreiver", "--out", str(out)]) == 2
     assert "close matches: 'golden retriever'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("kwargs, error, argument", [
+    ({"guidance_scale": float("nan")}, ValueError, "guidance_scale"),
+    ({"guidance_scale": float("inf")}, ValueError, "guidance_scale"),
+    ({"class_labels": 1.5}, TypeError, "class_labels"),
+    ({"class_labels": None}, TypeError, "class_labels"),
+    ({"class_labels": torch.tensor([0.0, 1.0])}, TypeError, "class_labels"),
+    ({"num_images_per_label": 1.5}, TypeError, "num_images_per_label"),
+    ({"batch_size": 2.0}, TypeError, "batch_size"),
+])
+def test_bad_call_arguments_are_refused_naming_the_argument(pipe, kwargs, error, argument):
+    """Issue 19, class 12: before any sampling, and not from inside torch."""
+    call = {"class_labels": [0, 1], "generator": seeded(), "output_type": "pt", **kwargs}
+    with pytest.raises(error, match=argument):
+        pipe(**call)
+
+
+def test_sample_command_refuses_a_non_finite_guidance_scale(saved, tmp_path, capsys):
+    for value in ("nan", "inf"):
+        assert main(["sample", str(saved), "--labels", "0", "--guidance-scale", value, "--out", str(tmp_path)]) == 2
+        assert "guidance_scale" in capsys.readouterr().err
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_pipeline_folder_missing_a_components_weights_says_which(saved, tmp_path):
+    import shutil
+
+    folder = tmp_path / "pipeline"
+    shutil.copytree(saved, folder)
+    for weights in (folder / "gpt").glob("*.safetensors"):
+        weights.unlink()
+    with pytest.raises(FileNotFoundError, match=r"gpt folder .*gpt holds config.json but no weights"):
+        FullVQPipeline.from_pretrained(folder)

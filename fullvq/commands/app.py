@@ -26,16 +26,17 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
 
 
 def _app(args: argparse.Namespace) -> int:
+    from ..io import local_folder_or_hub_id
+
+    # A local folder only: "no such folder" for a missing one (e.g. fullvq-demo/generator-run/pipeline).
+    folder = local_folder_or_hub_id(args.model, "pipeline or tokenizer", hub=False)
     if importlib.util.find_spec("gradio") is None:
         raise ValueError('gradio is not installed; install the app extra: pip install -e ".[app]"')
-    if not args.model.is_dir():
-        raise ValueError(f"{args.model} is not a folder; pass a pipeline folder (e.g. fullvq-demo/generator-run/"
-                         "pipeline) or a tokenizer folder (e.g. runs/fvq/model)")
     from ..jobs.app import launch
 
-    launch(args.model, host=args.host, port=args.port, device=args.device, share=args.share)
+    launch(folder, host=args.host, port=args.port, device=args.device, share=args.share)
     return 0
 
 
 def main(argv: list[str] | None = None, prog: str = "fullvq app") -> int:
-    return run(build_parser(prog), argv, _app, errors=(ValueError,))
+    return run(build_parser(prog), argv, _app, errors=(ValueError, FileNotFoundError))

@@ -17,6 +17,7 @@ them; the pipeline stores both and undoes it before decoding.
 from __future__ import annotations
 
 import inspect
+import math
 
 import torch
 import torch.nn.functional as F
@@ -156,8 +157,8 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
-    if guidance_scale < 0:
-        raise ValueError(f"guidance_scale={guidance_scale} must be >= 0 (1 = no guidance)")
+    if not 0 <= guidance_scale < math.inf:  # NaN and inf fail too
+        raise ValueError(f"guidance_scale={guidance_scale} must be a finite number >= 0 (1 = no guidance)")
     config = transformer.config
     device, dtype = transformer.device, transformer.dtype
     shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)

@@ -3,6 +3,8 @@ classifier-free guidance, temperature, top-k and top-p (transformers' logits war
 
 from __future__ import annotations
 
+import math
+
 import torch
 from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
@@ -34,8 +36,8 @@ def classifier_free_guidance(cond_logits: torch.Tensor, uncond_logits: torch.Ten
 
 def build_logits_processor(temperature: float = 1.0, top_k: int = 0, top_p: float = 1.0) -> LogitsProcessorList:
     """transformers' warpers for ``temperature`` (> 0; 1 = off), ``top_k`` (0 = off), ``top_p`` (1 = off)."""
-    if temperature < 0:
-        raise ValueError(f"temperature={temperature} must be >= 0 (0 = greedy)")
+    if not temperature >= 0 or not math.isfinite(temperature):  # NaN fails both comparisons
+        raise ValueError(f"temperature={temperature} must be a finite number >= 0 (0 = greedy)")
     if top_k < 0:
         raise ValueError(f"top_k={top_k} must be >= 0 (0 = off)")
     if not 0 < top_p <= 1:
@@ -103,6 +105,8 @@ def sample(
         raise ValueError(
             f"class_labels {bad} are outside [0, {config.num_classes}): the model has num_classes={config.num_classes}"
         )
+    if not math.isfinite(guidance_scale):
+        raise ValueError(f"guidance_scale={guidance_scale} must be a finite number (1 = no guidance)")
     scales = guidance_scales(guidance_scale, config.num_image_tokens, guidance_schedule)
     processor = build_logits_processor(temperature, top_k, top_p)
     was_training = model.training

@@ -30,7 +30,7 @@ from ..eval.reference import ReferenceStatistics, load_reference, reference_kind
 from ..eval.report import name_of, report_failures, start_report, write_report
 from ..eval.scores import check_set_sizes, generation_metrics, warn_if_other_weights
 from ..images import from_uint8, save_image_grid, save_png
-from ..io import write_text
+from ..io import local_folder_or_hub_id, write_text
 from ..pipelines import load_pipeline
 
 REPORT_NAME = "report.json"
@@ -186,6 +186,8 @@ def evaluate_generation(
     with report_failures(report_path, report, state.is_main_process):
         if images_per_class < 1:
             raise ValueError(f"images_per_class={images_per_class} must be at least 1")
+        if isinstance(pipeline, (str, os.PathLike)):
+            pipeline = local_folder_or_hub_id(pipeline, "pipeline")
         extractor = InceptionExtractor(inception_weights, state.device)
         pipeline, classes = _load_pipeline(pipeline, classes, state.device)
         total = len(classes) * images_per_class

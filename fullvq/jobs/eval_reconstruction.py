@@ -17,11 +17,11 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..cards import add_report_to_card
-from ..data import build_dataset
+from ..data import ReadableSubset, build_dataset
 from ..distributed import gather_in_order, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
@@ -29,6 +29,7 @@ from ..eval.reference import ReferenceStatistics
 from ..eval.report import name_of, report_failures, start_report, write_report
 from ..eval.scores import frechet_distance
 from ..images import from_uint8, save_image_grid, save_usage_histogram, to_uint8
+from ..io import local_folder_or_hub_id
 from ..tokenizer.losses import PerceptualLoss
 from ..tokenizer.modeling import FVQModel
 from ..tokenizer.quantizers import CodebookUsage
@@ -87,7 +88,9 @@ def evaluate_reconstruction(
     report = start_report(report_path, "reconstruction", state.is_main_process, tokenizer=name_of(tokenizer),
                           data=name_of(data), split=split)
     with report_failures(report_path, report, state.is_main_process):
-        # Everything that can be missing (weights, data) is resolved before any image is processed.
+        # Everything that can be missing (the folder, weights, data) is resolved before any image is processed.
+        if isinstance(tokenizer, (str, os.PathLike)):
+            tokenizer = local_folder_or_hub_id(tokenizer, "tokenizer")
         extractor = InceptionExtractor(inception_weights, state.device)
         perceptual = _build_lpips(lpips, lpips_weights, state.device)
         if isinstance(tokenizer, (str, os.PathLike)):
@@ -104,7 +107,7 @@ def evaluate_reconstruction(
 
         gathered, usage = _reconstruct(tokenizer, dataset, total, extractor, perceptual, batch_size=batch_size,
                                        inception_batch_size=inception_batch_size, num_workers=num_workers)
-        skipped = int(getattr(dataset, "num_skipped", 0) or 0)
+        skipped = _unreadable(gathered["index"], total)
         if not state.is_main_process:
             return report
         unavailable = {}
@@ -112,12 +115,12 @@ def evaluate_reconstruction(
             unavailable["lpips"] = "skipped (--no-lpips)"
         elif lpips is not True:
             report["lpips_note"] = "LPIPS from a caller-supplied module"
-        grid_path = _save_worst_best(tokenizer, dataset, gathered["psnr"], num_grid, output_dir / GRID_NAME,
-                                     state.device)
+        grid_path = _save_worst_best(tokenizer, dataset, gathered, num_grid, output_dir / GRID_NAME, state.device)
         histogram_path = save_usage_histogram(usage, output_dir / HISTOGRAM_NAME)
         report.update(
             complete=True, status="done", metrics=_metrics(gathered, usage), unavailable=unavailable,
-            skipped_unreadable_files=skipped, seconds=round(time.time() - started, 2),
+            num_images=total - len(skipped), skipped_unreadable_files=len(skipped),
+            skipped_files=[_source_name(dataset, i) for i in skipped[:100]], seconds=round(time.time() - started, 2),
             files={"report": str(report_path), "grid": str(grid_path), "histogram": str(histogram_path)},
         )
         write_report(report_path, report)
@@ -128,15 +131,21 @@ def evaluate_reconstruction(
 def _reconstruct(tokenizer, dataset, total: int, extractor: InceptionExtractor, perceptual, *, batch_size: int,
                  inception_batch_size: int, num_workers: int) -> tuple[dict[str, torch.Tensor | None], CodebookUsage]:
     """This process's share of the first ``total`` images reconstructed and measured; returns the
-    per-image figures and Inception features of the whole set (gathered in set order) and the code
-    counts (summed over processes)."""
+    per-image figures and Inception features of the readable images (gathered in set order, their
+    positions under ``"index"``) and the code counts (summed over processes). An unreadable image is
+    left out, never replaced by another (which would count that one twice)."""
     state = process_state()
     mine = list(range(state.process_index, total, state.num_processes))
-    loader = DataLoader(Subset(dataset, mine), batch_size=batch_size, num_workers=num_workers)
+    loader = DataLoader(ReadableSubset(dataset, mine), batch_size=batch_size, num_workers=num_workers,
+                        collate_fn=_collate_readable)
     usage = CodebookUsage(tokenizer.config.codebook_size, device=state.device)
-    per_image = {"psnr": [], "ssim": [], "lpips": [], "real": [], "fake": []}
+    per_image = {"index": [], "psnr": [], "ssim": [], "lpips": [], "real": [], "fake": []}
     bar = tqdm(total=len(mine), desc="reconstruct", unit="img", disable=not state.is_main_process)
     for batch in loader:
+        bar.update(batch["requested"])
+        if batch["index"] is None:
+            continue
+        per_image["index"].append(batch["index"])
         images = batch["pixel_values"].to(state.device)
         out = tokenizer(images)
         usage.update(out.indices)
@@ -152,12 +161,36 @@ def _reconstruct(tokenizer, dataset, total: int, extractor: InceptionExtractor, 
             pool, _ = extractor(torch.cat([real_u8[chunk], fake_u8[chunk]]))
             per_image["real"].append(pool[: len(pool) // 2])
             per_image["fake"].append(pool[len(pool) // 2:])
-        bar.update(len(images))
     bar.close()
     names = list(per_image)
     local = [torch.cat(per_image[name]) if per_image[name] else None for name in names]
-    gathered = dict(zip(names, gather_in_order(mine, local, total), strict=True))
+    kept = local[0].tolist() if local[0] is not None else []
+    skipped = sorted(set(mine) - set(kept))
+    gathered = dict(zip(names, gather_in_order(kept, local, total, skipped=skipped), strict=True))
+    if gathered["index"] is None:
+        gathered["index"] = torch.zeros(0, dtype=torch.long)
     return gathered, usage.all_reduce()
+
+
+def _collate_readable(items) -> dict:
+    """``ReadableSubset`` items -> the readable ones' pixels and positions, and how many were asked for."""
+    readable = [item for item in items if item is not None]
+    return {"requested": len(items),
+            "index": torch.tensor([index for _, index in readable], dtype=torch.long) if readable else None,
+            "pixel_values": torch.stack([item["pixel_values"] for item, _ in readable]) if readable else None}
+
+
+def _unreadable(read: torch.Tensor, total: int) -> list[int]:
+    """Positions in ``[0, total)`` missing from ``read``; a ValueError when fewer than 2 were read."""
+    kept = set(read.tolist())
+    if len(kept) < 2:
+        raise ValueError(f"only {len(kept)} of the {total} images could be read; rFID needs at least 2")
+    return [i for i in range(total) if i not in kept]
+
+
+def _source_name(dataset, index: int) -> str:
+    """The file an evaluation item came from, for the report (its position when the set has no files)."""
+    return dataset.source_name(index) if hasattr(dataset, "source_name") else f"item {index}"
 
 
 def _metrics(gathered: dict[str, torch.Tensor | None], usage: CodebookUsage) -> dict:
@@ -178,13 +211,14 @@ def _metrics(gathered: dict[str, torch.Tensor | None], usage: CodebookUsage) -> 
     }
 
 
-def _save_worst_best(tokenizer, dataset, psnr_values: torch.Tensor, num_grid: int, path: Path, device) -> Path:
+def _save_worst_best(tokenizer, dataset, gathered: dict[str, torch.Tensor], num_grid: int, path: Path, device) -> Path:
     """Grid rows: the ``num_grid`` worst originals and reconstructions by PSNR, then the best."""
+    psnr_values, positions = gathered["psnr"], gathered["index"]
     count = max(1, min(num_grid, len(psnr_values) // 2))
     order = psnr_values.argsort()
     rows = []
     for indices in (order[:count], order[-count:].flip(0)):
-        images = torch.stack([dataset[int(i)]["pixel_values"] for i in indices]).to(device)
+        images = torch.stack([dataset[int(positions[i])]["pixel_values"] for i in indices]).to(device)
         rows += [images, tokenizer(images).sample.clamp(-1, 1)]
     save_image_grid(rows, path)
     return path

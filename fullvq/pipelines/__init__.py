@@ -13,7 +13,10 @@ def load_pipeline(path, **kwargs) -> ClassConditionalPipeline:
     import json
     import os
 
+    from fullvq.io import local_folder_or_hub_id
+
     classes = {cls.__name__: cls for cls in (FullVQPipeline, LatentFlowPipeline)}
+    path = local_folder_or_hub_id(path, "pipeline", cache_dir=kwargs.get("cache_dir"))
     index = os.path.join(os.fspath(path), "model_index.json")
     if not os.path.isdir(path):  # a hub id: read its model_index.json first
         from huggingface_hub import hf_hub_download

@@ -87,7 +87,8 @@ class FullVQPipeline(ClassConditionalPipeline):
                 ``"pt"`` ((N, 3, H, W) float32 in [0, 1]).
             return_dict: return an :class:`ImagePipelineOutput` rather than a tuple ``(images,)``.
         """
-        batches = self._check_call(class_labels, num_images_per_label, batch_size, output_type, generator)
+        batches = self._check_call(class_labels, num_images_per_label, batch_size, output_type, generator,
+                                   guidance_scale)
         height, width = self.gpt.config.grid_size
         decoded = []
         for batch in batches:  # a bar over each batch's tokens, as the flow pipeline's over its steps

@@ -11,6 +11,7 @@ from __future__ import annotations
 import difflib
 import inspect
 import json
+import math
 import os
 from collections.abc import Sequence
 
@@ -18,6 +19,8 @@ import numpy as np
 import torch
 from diffusers.pipelines.pipeline_utils import DiffusionPipeline, ImagePipelineOutput
 from huggingface_hub import snapshot_download
+
+from fullvq.io import check_saved_folder, local_folder_or_hub_id
 
 OUTPUT_TYPES = ("pil", "np", "pt")
 
@@ -105,7 +108,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         """Load a folder written by ``save_pretrained``, or a hub id with the same layout.
 
         ``kwargs`` are diffusers' (``dtype``, ``device_map``, ``revision``, ``cache_dir``, ``token``, ...).
+        A missing local folder, or one lacking a component's weights, is a ``FileNotFoundError`` saying so.
         """
+        pretrained_model_name_or_path = local_folder_or_hub_id(pretrained_model_name_or_path, "pipeline",
+                                                               cache_dir=kwargs.get("cache_dir"))
         if not os.path.isdir(pretrained_model_name_or_path):
             # diffusers' own download refuses component classes from outside diffusers/transformers
             # unless the repo ships their code, so fetch the folder here and load it locally.
@@ -114,6 +120,9 @@ class ClassConditionalPipeline(DiffusionPipeline):
                 allow_patterns=[cls.config_name, *(f"{folder}/*" for folder in cls._component_folders)],
                 **{key: kwargs[key] for key in DOWNLOAD_KWARGS if key in kwargs},
             )
+        for component in cls._component_folders:
+            if component != "scheduler":  # a scheduler is settings only
+                check_saved_folder(os.path.join(pretrained_model_name_or_path, component), component)
         return super().from_pretrained(pretrained_model_name_or_path, **kwargs)
 
     @property
@@ -139,9 +148,14 @@ class ClassConditionalPipeline(DiffusionPipeline):
         outside ``[0, num_classes)``.
         """
         if isinstance(labels, torch.Tensor):
+            if labels.dtype.is_floating_point or labels.dtype == torch.bool:
+                raise TypeError(f"class_labels must hold integer class ids, got a {labels.dtype} tensor")
             labels = labels.reshape(-1).tolist()
         elif isinstance(labels, (int, str, np.integer)):
             labels = [labels]
+        elif not isinstance(labels, (list, tuple)):
+            raise TypeError(f"class_labels={labels!r} must be a class id (int), a class name, or a list of them; "
+                            f"got {type(labels).__name__}")
         ids = [self._label_id(label) for label in labels]
         if not ids:
             raise ValueError("class_labels is empty; pass at least one class id or name")
@@ -151,7 +165,8 @@ class ClassConditionalPipeline(DiffusionPipeline):
         if isinstance(label, str):
             return self._name_to_id(label)
         if isinstance(label, bool) or not isinstance(label, (int, np.integer)):
-            raise TypeError(f"class label {label!r} must be an int id or a class name, got {type(label).__name__}")
+            raise TypeError(f"class_labels holds {label!r}: each label must be an int id or a class name, got "
+                            f"{type(label).__name__}")
         if not 0 <= int(label) < self.num_classes:
             raise ValueError(
                 f"class label {int(label)} is outside [0, {self.num_classes}): the generator has "
@@ -196,14 +211,19 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return {name: given[name] if given.get(name) is not None else defaults[name].default for name in names}
 
     def _check_call(self, class_labels, num_images_per_label: int, batch_size: int, output_type: str,
-                    generator) -> list[list[int]]:
-        """Validate the arguments both pipelines share; returns the label ids in batches."""
+                    generator, guidance_scale: float) -> list[list[int]]:
+        """Validate the arguments both pipelines share, each error naming its argument; returns the
+        label ids in batches."""
         if output_type not in OUTPUT_TYPES:
             raise ValueError(f"output_type={output_type!r} must be one of {OUTPUT_TYPES}")
-        if num_images_per_label < 1:
-            raise ValueError(f"num_images_per_label={num_images_per_label} must be >= 1")
-        if batch_size < 1:
-            raise ValueError(f"batch_size={batch_size} must be >= 1")
+        for name, count in (("num_images_per_label", num_images_per_label), ("batch_size", batch_size)):
+            if isinstance(count, bool) or not isinstance(count, (int, np.integer)):
+                raise TypeError(f"{name}={count!r} must be an int, got {type(count).__name__}")
+            if count < 1:
+                raise ValueError(f"{name}={count} must be >= 1")
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, (int, float, np.number)) \
+                or not math.isfinite(guidance_scale):
+            raise ValueError(f"guidance_scale={guidance_scale!r} must be a finite number (1 = no guidance)")
         if isinstance(generator, (list, tuple)):
             raise TypeError("generator must be one torch.Generator (a list of generators is not supported)")
         ids = [i for i in self.get_label_ids(class_labels) for _ in range(num_images_per_label)]

@@ -115,7 +115,8 @@ class LatentFlowPipeline(ClassConditionalPipeline):
             output_type: ``"pil"``, ``"np"`` ((N, H, W, 3) float32 in [0, 1]) or ``"pt"`` ((N, 3, H, W)).
             return_dict: return an :class:`ImagePipelineOutput` rather than a tuple ``(images,)``.
         """
-        batches = self._check_call(class_labels, num_images_per_label, batch_size, output_type, generator)
+        batches = self._check_call(class_labels, num_images_per_label, batch_size, output_type, generator,
+                                   guidance_scale)
         decoded = []
         for batch in batches:
             labels = torch.tensor(batch, device=self.transformer.device)

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers.configuration_utils import ConfigMixin, register_to_config
@@ -11,6 +13,7 @@ from diffusers.models.modeling_utils import ModelMixin
 from diffusers.utils import BaseOutput
 from torch import nn
 
+from ..io import check_saved_folder, local_folder_or_hub_id
 from .quantizers import build_quantizer
 
 # Allowed slack on the [-1, 1] input range (resampling can overshoot slightly).
@@ -121,8 +124,13 @@ class FVQModel(ModelMixin, ConfigMixin):
         """Load a folder written by ``save_pretrained`` (or a hub id).
 
         Unlike diffusers' default, weights that are missing, unexpected or of the wrong shape are an
-        error (``strict=False`` keeps diffusers' behaviour of initialising them randomly).
+        error (``strict=False`` keeps diffusers' behaviour of initialising them randomly); a missing
+        local folder, or one without its weights file, is a ``FileNotFoundError`` saying so.
         """
+        pretrained_model_name_or_path = local_folder_or_hub_id(pretrained_model_name_or_path, "tokenizer",
+                                                               cache_dir=kwargs.get("cache_dir"))
+        if os.path.isdir(pretrained_model_name_or_path):
+            check_saved_folder(Path(pretrained_model_name_or_path, kwargs.get("subfolder") or ""), "tokenizer")
         if not strict:
             return _own_memory(super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs))
         return_info = kwargs.pop("output_loading_info", False)

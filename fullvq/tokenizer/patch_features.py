@@ -22,6 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..io import local_folder_or_hub_id
+
 FEATURE_SPACES = ("hidden", "projected")
 
 
@@ -100,19 +102,16 @@ class PatchFeatureExtractor(nn.Module):
         name = os.fspath(name_or_path)
         if feature_space not in FEATURE_SPACES:
             raise ValueError(f"unknown feature_space {feature_space!r}; choose one of: {', '.join(FEATURE_SPACES)}")
-        looks_local = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
-        if looks_local and not os.path.exists(os.path.expanduser(name)):
-            raise FileNotFoundError(
-                f"vision encoder folder {name!r} does not exist; pass a local model folder or a hub id")
+        name = local_folder_or_hub_id(name, "vision encoder")
         try:
-            model = AutoModel.from_pretrained(os.path.expanduser(name), dtype=dtype)
+            model = AutoModel.from_pretrained(name, dtype=dtype)
         except Exception as error:
             raise ValueError(
                 f"could not load vision encoder {name!r} with transformers.AutoModel.from_pretrained "
                 f"({type(error).__name__}: {error}); pass a CLIP, DINOv2, SigLIP or ViT checkpoint folder or hub id"
             ) from error
         try:
-            processor = AutoImageProcessor.from_pretrained(os.path.expanduser(name))
+            processor = AutoImageProcessor.from_pretrained(name)
         except Exception:  # no preprocessor_config.json: fall back to the model type's statistics
             processor = None
 
