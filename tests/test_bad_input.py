@@ -147,7 +147,7 @@ def test_1_a_crafted_pickle_is_refused_by_every_entry_point_without_running(entr
         with pytest.raises(ValueError, match="evil.pt"):
             InceptionExtractor(None, "cpu")
     elif entry == "convert":
-        assert main(["convert", "--from", "llamagen-vq", str(evil), "--out", str(tmp_path / "out")]) == 2
+        assert main(["convert", "--from", "llamagen-vq", str(evil), "--output", str(tmp_path / "out")]) == 2
         assert "evil.pt" in capsys.readouterr().err
     elif entry == "lc-codebook-path":
         values = recipe(tmp_path)
@@ -407,11 +407,11 @@ def test_13_a_missing_local_folder_is_no_such_folder_in_every_command(form, tmp_
     name = {"absolute": str(tmp_path / "nowhere"), "dot": "./nowhere", "dotdot": "../nowhere-fullvq-test",
             "home": "~/nowhere-fullvq-test", "parent-exists": "runs/nowhere"}[form]
     commands = [
-        ["sample", name, "--labels", "0", "--out", str(tmp_path / "s")],
+        ["sample", name, "--labels", "0", "--output", str(tmp_path / "s")],
         ["eval", "rfid", "--tokenizer", name, "--data", "demo", "--no-lpips", "--output", str(tmp_path / "e"),
          "--inception-weights", str(tmp_path / "w.pth")],
         ["eval", "gfid", "--pipeline", name, "--reference", str(tmp_path), "--output", str(tmp_path / "g")],
-        ["cache-tokens", "--tokenizer", name, "--source", "demo", "--output", str(tmp_path / "c")],
+        ["cache-tokens", "--tokenizer", name, "--data", "demo", "--output", str(tmp_path / "c")],
         ["app", name],
     ]
     for command in commands:
@@ -426,7 +426,7 @@ def test_13_a_hub_id_while_offline_says_offline(tmp_path, monkeypatch, capsys):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    assert main(["sample", "someone/some-pipeline", "--labels", "0", "--out", str(tmp_path / "s")]) == 2
+    assert main(["sample", "someone/some-pipeline", "--labels", "0", "--output", str(tmp_path / "s")]) == 2
     err = capsys.readouterr().err
     assert "offline" in err and "someone/some-pipeline" in err
 

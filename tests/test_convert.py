@@ -766,7 +766,7 @@ def test_gpt_grid_comes_from_its_caches_or_is_asked_for_never_guessed(tmp_path, 
 
     gpt = save(tmp_path / "gpt.pt", {"model": llamagen_gpt_state(n_layer=1)})
     assert main(["convert", "--from", "llamagen-gpt", gpt, "--num-heads", str(GPT_HEADS),
-                 "--out", str(tmp_path / "g")]) == 2
+                 "--output", str(tmp_path / "g")]) == 2
     assert "--grid-size" in capsys.readouterr().err and not (tmp_path / "g").exists()
 
 
@@ -775,12 +775,12 @@ def test_a_paired_tokenizer_without_an_image_size_takes_the_gpts_grid_or_is_refu
     gpt_state = llamagen_gpt_state(n_layer=1)
     gpt = save(tmp_path / "gpt.pt", {"model": gpt_state})
     args = ["convert", "--from", "llamagen-gpt", gpt, "--tokenizer-checkpoint", vq, "--num-heads", str(GPT_HEADS)]
-    assert main(args + ["--out", str(tmp_path / "a")]) == 2
+    assert main(args + ["--output", str(tmp_path / "a")]) == 2
     assert "--resolution" in capsys.readouterr().err and not (tmp_path / "a").exists()
 
     gpt_state["freqs_cis"] = ref_freqs_cis_2d(6, GPT_WIDTH // GPT_HEADS)  # the GPT records a 6 x 6 grid
     gpt = save(tmp_path / "gpt.pt", {"model": gpt_state})
-    assert main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert main(args + ["--output", str(tmp_path / "b")]) == 0
     assert "sample_size=24" in capsys.readouterr().out  # 6 tokens x the tokenizer's 4x downsampling
     from fullvq.pipelines.autoregressive import FullVQPipeline
 

@@ -245,7 +245,7 @@ def test_bad_call_arguments_are_refused_naming_the_argument(pipe, kwargs, error,
 
 def test_sample_command_refuses_a_non_finite_guidance_scale(saved, tmp_path, capsys):
     for value in ("nan", "inf"):
-        assert main(["sample", str(saved), "--labels", "0", "--guidance-scale", value, "--out", str(tmp_path)]) == 2
+        assert main(["sample", str(saved), "--labels", "0", "--guidance-scale", value, "--output", str(tmp_path)]) == 2
         assert "guidance_scale" in capsys.readouterr().err
     assert not list(tmp_path.iterdir())
 

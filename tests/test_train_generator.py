@@ -137,7 +137,7 @@ def test_a_second_cache_tokens_into_a_busy_folder_is_refused_and_shard_writes_ar
     from fullvq.jobs.cache_tokens import _write_shard
 
     output = tmp_path / "cache"
-    command = ["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--source", str(workspace / "images"),
+    command = ["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--data", str(workspace / "images"),
                "--output", str(output), "--num-workers", "0", "--augmentation", "none"]
     with pytest.warns(RuntimeWarning):
         assert cli_main(command) == 0
@@ -159,8 +159,8 @@ def test_a_second_cache_tokens_into_a_busy_folder_is_refused_and_shard_writes_ar
 def test_cache_tokens_limit_below_one_is_refused_before_any_work(workspace, tmp_path, capsys):
     """Issue 19, class 14."""
     for limit in ("0", "-3"):
-        assert cli_main(["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--source",
-                         str(workspace / "images"), "--output", str(tmp_path / "cache"), "--limit", limit]) == 2
+        assert cli_main(["cache-tokens", "--tokenizer", str(workspace / "tokenizer"), "--data",
+                         str(workspace / "images"), "--output", str(tmp_path / "cache"), "--max-images", limit]) == 2
         assert f"limit={limit}" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists()
 
