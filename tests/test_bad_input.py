@@ -505,3 +505,22 @@ def test_19_a_lock_whose_holder_died_is_taken_over_saying_so(finished, tmp_path,
     said = capsys.readouterr()
     assert re.search(rf"took over .*PID {holder.pid}", said.out + said.err)
     assert (run / "model" / "config.json").is_file()
+
+
+def test_19_an_evaluation_into_a_folder_another_run_holds_is_refused_and_leaves_its_report(tmp_path, capsys):
+    from fullvq.cli import main
+
+    tokenizer = _tiny_tokenizer_folder(tmp_path / "tokenizer")
+    output = tmp_path / "rfid"
+    output.mkdir()
+    (output / "report.json").write_text('{"task": "reconstruction", "status": "running"}\n')
+    holder = _holder(output, 120)
+    try:
+        code = main(["eval", "rfid", "--tokenizer", str(tokenizer), "--data", "demo", "--max-images", "2",
+                     "--no-lpips", "--output", str(output)])
+    finally:
+        holder.kill()
+        holder.wait()
+    assert code == 2
+    assert re.search(rf"{output} is in use: PID {holder.pid}", capsys.readouterr().err)
+    assert json.loads((output / "report.json").read_text()) == {"task": "reconstruction", "status": "running"}

@@ -7,29 +7,31 @@ import json
 import os
 from pathlib import Path
 
-from fullvq.io import write_text
+from fullvq.io import hold_folder, write_text
 
 
 @contextlib.contextmanager
-def report_failures(path: str | os.PathLike, report: dict, is_main_process: bool = True):
-    """Inside the block, an exception rewrites ``report`` as failed (with the error) before it
-    propagates, so a crashed job never leaves a report that looks running or complete."""
-    try:
-        yield
-    except BaseException as error:
+def running_report(path: str | os.PathLike, task: str, is_main_process: bool = True, **fields):
+    """The report of an evaluation job, for the length of the ``with`` block; yields it as a dict.
+
+    The main process holds the lock of the report's folder (one evaluation writes a folder at a time; a
+    second is refused naming the first's PID), writes the report marked running (``"complete": False``)
+    at once, so a crashed or killed job never leaves an older complete report behind, and rewrites it as
+    failed (with the error) if the block raises.
+    """
+    path = Path(path)
+    lock = hold_folder(path.parent, f"fullvq eval ({task})") if is_main_process else contextlib.nullcontext()
+    with lock:
+        report = {"task": task, "complete": False, "status": "running", **fields}
         if is_main_process:
-            report.update(complete=False, status="failed", error=f"{type(error).__name__}: {error}")
             write_report(path, report)
-        raise
-
-
-def start_report(path: str | os.PathLike, task: str, is_main_process: bool = True, **fields) -> dict:
-    """A report of ``task`` marked running (``"complete": False``), written at once by the main
-    process so a crashed or killed job never leaves an older complete report behind; returns it."""
-    report = {"task": task, "complete": False, "status": "running", **fields}
-    if is_main_process:
-        write_report(path, report)
-    return report
+        try:
+            yield report
+        except BaseException as error:
+            if is_main_process:
+                report.update(complete=False, status="failed", error=f"{type(error).__name__}: {error}")
+                write_report(path, report)
+            raise
 
 
 def name_of(thing) -> str:
@@ -42,4 +44,4 @@ def write_report(path: str | os.PathLike, report: dict) -> Path:
     return write_text(path, json.dumps(report, indent=2, default=str) + "\n")
 
 
-__all__ = ["start_report", "name_of", "report_failures", "write_report"]
+__all__ = ["running_report", "name_of", "write_report"]

@@ -27,7 +27,7 @@ from ..distributed import process_state
 from ..eval.features import InceptionExtractor, extract_features
 from ..eval.image_sets import ImageFiles
 from ..eval.reference import ReferenceStatistics, load_reference, reference_kind
-from ..eval.report import name_of, report_failures, start_report, write_report
+from ..eval.report import name_of, running_report, write_report
 from ..eval.scores import check_set_sizes, generation_metrics, warn_if_other_weights
 from ..images import from_uint8, save_image_grid, save_png
 from ..io import local_folder_or_hub_id, write_text
@@ -179,11 +179,10 @@ def evaluate_generation(
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
     evaluated = pipeline  # a local folder's model card gets the figures at the end
-    report = start_report(report_path, "generation", state.is_main_process, pipeline=name_of(pipeline),
-                          reference=str(reference))
     metric_settings = {"kid_subset_size": kid_subset_size, "kid_subsets": kid_subsets,
                        "prc_neighborhood": prc_neighborhood, "isc_splits": isc_splits}
-    with report_failures(report_path, report, state.is_main_process):
+    with running_report(report_path, "generation", state.is_main_process, pipeline=name_of(pipeline),
+                        reference=str(reference)) as report:
         if images_per_class < 1:
             raise ValueError(f"images_per_class={images_per_class} must be at least 1")
         if isinstance(pipeline, (str, os.PathLike)):

@@ -26,7 +26,7 @@ from ..distributed import gather_in_order, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
 from ..eval.reference import ReferenceStatistics
-from ..eval.report import name_of, report_failures, start_report, write_report
+from ..eval.report import name_of, running_report, write_report
 from ..eval.scores import frechet_distance
 from ..images import from_uint8, save_image_grid, save_usage_histogram, to_uint8
 from ..io import local_folder_or_hub_id
@@ -85,9 +85,8 @@ def evaluate_reconstruction(
     output_dir = Path(output_dir)
     report_path = output_dir / REPORT_NAME
     evaluated = tokenizer  # a local folder's model card gets the figures at the end
-    report = start_report(report_path, "reconstruction", state.is_main_process, tokenizer=name_of(tokenizer),
-                          data=name_of(data), split=split)
-    with report_failures(report_path, report, state.is_main_process):
+    with running_report(report_path, "reconstruction", state.is_main_process, tokenizer=name_of(tokenizer),
+                        data=name_of(data), split=split) as report:
         # Everything that can be missing (the folder, weights, data) is resolved before any image is processed.
         if isinstance(tokenizer, (str, os.PathLike)):
             tokenizer = local_folder_or_hub_id(tokenizer, "tokenizer")
