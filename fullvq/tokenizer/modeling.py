@@ -106,6 +106,7 @@ class FVQModel(ModelMixin, ConfigMixin):
         derived = getattr(self.quantize, "derived_settings", {})
         if any(key not in (quantizer_kwargs or {}) for key in derived):
             self.register_to_config(quantizer_kwargs={**derived, **(quantizer_kwargs or {})})
+        _skip_frozen_tables_in_ddp(self)
         self.post_quant_conv = nn.Conv2d(codebook_dim, latent_channels, 1)
         self.decoder = Decoder(
             in_channels=latent_channels,
@@ -253,6 +254,16 @@ class FVQModel(ModelMixin, ConfigMixin):
         if plain.dtype != self.dtype:
             plain.to(self.dtype)
         return plain.train(self.training)
+
+
+def _skip_frozen_tables_in_ddp(model: nn.Module) -> None:
+    """DDP re-broadcasts every buffer from rank 0 before each forward; frozen tables (simvq's, lc's:
+    307 MB for VQGAN-LC's 100,000 x 768) never change and are built alike on every rank, so DDP is
+    told to leave them out."""
+    names = [f"{prefix}.{name}" if prefix else name for prefix, module in model.named_modules()
+             for name in getattr(module, "frozen_buffer_names", ())]
+    if names:
+        nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, names)
 
 
 @torch.no_grad()

@@ -16,12 +16,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from ...distributed import sum_over_processes
+from ...precision import ieee_float32
 
-# Largest (tokens x codes) block of float32 distances held at once: 2**24 = 64 MiB on a GPU, which
-# wants few large blocks; 2**20 = 4 MiB on the CPU, where a block that stays in cache searched 1,536
-# tokens against 16,384 codes 2.9x faster than a 64 MiB one.
-DEFAULT_MAX_BLOCK_ELEMENTS = 2**24
+# Largest (tokens x codes) block of float32 distances held at once: 2**26 = 256 MiB on a GPU, which
+# wants few large blocks (each block is ~7 launches; at D = 8 smaller blocks left the loop
+# launch-bound); 2**20 = 4 MiB on the CPU, where a block that stays in cache searched 1,536 tokens
+# against 16,384 codes 2.9x faster than a 64 MiB one.
+DEFAULT_MAX_BLOCK_ELEMENTS = 2**26
 CPU_MAX_BLOCK_ELEMENTS = 2**20
+# Tokens per block: 16,384 on a GPU (with 2**26 elements: 4,096 codes a block), 4,096 on the CPU.
+DEFAULT_TOKEN_CHUNK = 2**14
+CPU_TOKEN_CHUNK = 2**12
 
 
 @dataclass
@@ -41,6 +46,7 @@ class QuantizerOutput:
     commitment_loss: torch.Tensor
 
 
+@torch.compiler.disable  # a Python loop over blocks: compiled, it would unroll into a huge graph
 @torch.no_grad()
 def nearest_code(
     z: torch.Tensor,
@@ -55,8 +61,9 @@ def nearest_code(
     Args:
         z: (N, D) vectors.
         codebook: (K, D) codes.
-        token_chunk, code_chunk: block shape; by default at most 4096 tokens and as many codes
-            as fit in ``max_block_elements`` (default 2^24 on a GPU, 2^20 on the CPU).
+        token_chunk, code_chunk: block shape; by default at most 16,384 tokens on a GPU (4,096 on
+            the CPU) and as many codes as fit in ``max_block_elements`` (default 2^26 on a GPU,
+            2^20 on the CPU).
 
     Returns:
         (N,) long tensor equal to ``argmin_k ||z_n - c_k||^2`` (first index on ties), always in
@@ -66,7 +73,8 @@ def nearest_code(
     Extra memory is bounded by one ``token_chunk x code_chunk`` float32 block plus ``K`` code
     norms and ``N`` running minima, whatever ``K`` is: the ``N x K`` matrix is never built.
     ``||z||^2`` is constant per row, so the search minimises ``||c||^2 - 2 z.c`` with one GEMM
-    per block; the search always runs in float32, also under autocast.
+    per block; the search always runs in strict IEEE float32: also under autocast, and with TF32
+    off for its GEMMs whatever ``torch.set_float32_matmul_precision`` says (TF32 flips near ties).
     """
     if z.ndim != 2 or codebook.ndim != 2 or z.shape[1] != codebook.shape[1]:
         raise ValueError(
@@ -78,13 +86,14 @@ def nearest_code(
     indices = torch.zeros(num_tokens, dtype=torch.long, device=z.device)
     if num_tokens == 0:
         return indices
-    with torch.autocast(device_type=z.device.type, enabled=False):
+    on_cpu = z.device.type == "cpu"
+    with torch.autocast(device_type=z.device.type, enabled=False), ieee_float32():
         z = z.float()
         codebook = codebook.float()
         code_sq = codebook.pow(2).sum(dim=1)
-        token_chunk = token_chunk or min(num_tokens, 4096)
+        token_chunk = token_chunk or min(num_tokens, CPU_TOKEN_CHUNK if on_cpu else DEFAULT_TOKEN_CHUNK)
         if max_block_elements is None:
-            max_block_elements = CPU_MAX_BLOCK_ELEMENTS if z.device.type == "cpu" else DEFAULT_MAX_BLOCK_ELEMENTS
+            max_block_elements = CPU_MAX_BLOCK_ELEMENTS if on_cpu else DEFAULT_MAX_BLOCK_ELEMENTS
         code_chunk = code_chunk or max(1, min(num_codes, max_block_elements // token_chunk))
         block = torch.empty(token_chunk, code_chunk, dtype=torch.float32, device=z.device)
         for t0 in range(0, num_tokens, token_chunk):
@@ -129,8 +138,15 @@ def vq_losses(z: torch.Tensor, z_q: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 
 def straight_through(z: torch.Tensor, z_q: torch.Tensor) -> torch.Tensor:
-    """Forward value ``z_q``, gradient passed to ``z`` unchanged."""
-    return z + (z_q - z).detach()
+    """Forward value ``z_q``, gradient passed to ``z`` unchanged; in ``z``'s dtype.
+
+    Computed in float32 and cast once, so a bf16 ``z`` gets the code rounded once to bf16 rather
+    than ``z + round(z_q - z)``, which can land an ulp away from it.
+    """
+    if z.dtype == torch.float32 and z_q.dtype == torch.float32:
+        return z + (z_q - z).detach()
+    z32 = z.float()
+    return (z32 + (z_q.float() - z32).detach()).to(z.dtype)
 
 
 def check_latents(z: torch.Tensor, codebook_dim: int) -> None:
@@ -145,8 +161,11 @@ class CodebookQuantizer(nn.Module):
     """Base class of single-codebook quantizers.
 
     Subclasses implement ``codebook()``, the effective (K, D) codebook C_hat used for search and
-    lookup, and may override ``export_plain()``. Everything else is shared.
+    lookup, and may override ``export_plain()``. Everything else is shared. ``frozen_buffer_names``
+    lists buffers that never change and are built alike on every process (DDP skips them).
     """
+
+    frozen_buffer_names: tuple[str, ...] = ()
 
     def __init__(
         self,
@@ -171,6 +190,18 @@ class CodebookQuantizer(nn.Module):
     def codebook(self) -> torch.Tensor:
         raise NotImplementedError
 
+    def search_codebook(self) -> torch.Tensor:
+        """``codebook()`` computed outside autocast: the C_hat that search and lookup use.
+
+        Under bf16 autocast a mapped codebook (fvq's bridge, simvq / lc's projection) would come out
+        of bf16 linears, so training would search other codes than an fp32 model (cache-tokens,
+        eval, export) does for the same latents. In float32 it is K x D work per step, a few ms at
+        262,144 x 256 on a GPU.
+        """
+        device_type = next(iter(self.parameters()), torch.empty(0)).device.type
+        with torch.autocast(device_type=device_type, enabled=False):
+            return self.codebook()
+
     def common_config(self) -> dict:
         """The settings every family shares (kept when exporting to a plain codebook)."""
         return {
@@ -182,19 +213,21 @@ class CodebookQuantizer(nn.Module):
     def _normalize(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(x, dim=-1) if self.l2_norm else x
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def quantize(self, z: torch.Tensor, codebook: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Hard quantization without straight-through.
 
         Returns ``(target, z_q, indices)``: the latents as searched ((B, D, H, W), l2-normalised
-        when ``l2_norm``), the selected codes (differentiable w.r.t. the codebook) and (B, H, W)
-        indices. Wrappers (residual, multi-scale) build on this.
+        when ``l2_norm``), the selected codes (differentiable w.r.t. the codebook, in the codebook's
+        dtype) and (B, H, W) indices. Wrappers (residual, multi-scale) build on this, and pass
+        ``codebook`` (from ``search_codebook()``) to compute C_hat once for many calls.
         """
         check_latents(z, self.codebook_dim)
         b, d, h, w = z.shape
         flat = self._normalize(z.permute(0, 2, 3, 1).reshape(-1, d))
-        codebook = self.codebook()
+        codebook = self.search_codebook() if codebook is None else codebook
         indices = nearest_code(flat, codebook)
-        z_q = F.embedding(indices, codebook).to(flat.dtype)
+        z_q = F.embedding(indices, codebook)
         to_map = lambda x: x.reshape(b, h, w, d).permute(0, 3, 1, 2)  # noqa: E731
         return to_map(flat), to_map(z_q), indices.reshape(b, h, w)
 
@@ -214,10 +247,11 @@ class CodebookQuantizer(nn.Module):
         codebook map do it here (``fvq``). Returns how many parts it revived: none by default."""
         return 0
 
-    def lookup(self, indices: torch.Tensor) -> torch.Tensor:
-        """Codes for (B, H, W) indices, as a (B, D, H, W) map."""
+    def lookup(self, indices: torch.Tensor, codebook: torch.Tensor | None = None) -> torch.Tensor:
+        """Codes for (B, H, W) indices, as a (B, D, H, W) map (``codebook``: a precomputed C_hat)."""
         check_indices(indices, self.codebook_size)
-        return F.embedding(indices.long(), self.codebook()).permute(0, 3, 1, 2)
+        codebook = self.search_codebook() if codebook is None else codebook
+        return F.embedding(indices.long(), codebook).permute(0, 3, 1, 2)
 
     def export_plain(self) -> CodebookQuantizer:
         """A plain ``vq`` quantizer holding ``codebook()`` as its table (no projector); every family
@@ -258,9 +292,18 @@ class CodebookUsage:
         self.counts = torch.zeros(codebook_size, dtype=torch.long, device=device)
 
     def update(self, indices: torch.Tensor) -> None:
+        """Add the codes of ``indices`` (any shape) to the counts; no host sync on a GPU."""
         flat = indices.detach().reshape(-1).to(self.counts.device, torch.long)
-        check_indices(flat, self.codebook_size)
-        self.counts += torch.bincount(flat, minlength=self.codebook_size)
+        if flat.device.type == "cpu":
+            check_indices(flat, self.codebook_size)
+            self.counts += torch.bincount(flat, minlength=self.codebook_size)
+            return
+        # CUDA bincount reads min and max back to the host (2 syncs per call); index_add_ needs none,
+        # and the range check becomes a device-side assert instead of a read-back.
+        if flat.numel():
+            torch._assert_async(((flat >= 0) & (flat < self.codebook_size)).all(),
+                                f"code indices must lie in [0, {self.codebook_size})")
+        self.counts.index_add_(0, flat, torch.ones_like(flat))
 
     def all_reduce(self) -> CodebookUsage:
         sum_over_processes(self.counts)

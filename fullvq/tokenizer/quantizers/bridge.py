@@ -259,15 +259,25 @@ class FVQQuantizer(CodebookQuantizer):
         side, patch = math.isqrt(self.codebook_size), self.bridge.patch_size
         return (indices // side % patch) * patch + indices % side % patch
 
-    def quantize(self, z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        target, z_q, indices = super().quantize(z)
+    def quantize(self, z: torch.Tensor, codebook: torch.Tensor | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        target, z_q, indices = super().quantize(z, codebook)
         # Count which slots the training searches select (a statistic: no weight changes here);
         # revive_dead_slots() reads the counts after the optimiser step.
         if self.training and torch.is_grad_enabled() and self.revive_after > 0 and self.group_size > 1:
-            counts = torch.bincount(self.code_slots(indices.detach().reshape(-1)), minlength=self.group_size)
-            self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+            self._count_slots(indices)
         return target, z_q, indices
 
+    @torch.compiler.disable
+    @torch.no_grad()
+    def _count_slots(self, indices: torch.Tensor) -> None:
+        # index_add_, not bincount: CUDA bincount reads its input's range back to the host.
+        slots = self.code_slots(indices.reshape(-1))
+        counts = torch.zeros(self.group_size, dtype=torch.long, device=slots.device)
+        counts.index_add_(0, slots, torch.ones_like(slots))
+        self._step_counts = counts if self._step_counts is None else self._step_counts + counts
+
+    @torch.compiler.disable
     @torch.no_grad()
     def revive_dead_slots(self) -> int:
         """Call after each optimiser step in training: counts the finished step's idle code slots

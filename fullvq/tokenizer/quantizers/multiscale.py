@@ -18,6 +18,16 @@ from .families import CODEBOOK_FAMILIES, build_codebook_quantizer
 DEFAULT_SCALES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)
 
 
+def phi_assignment(num_scales: int, num_phi: int) -> list[int]:
+    """Which phi refines each scale: the one whose tick in [0, 1] lies nearest the scale's position
+    (VAR's sharing); empty when ``num_phi`` is 0."""
+    if num_phi < 1:
+        return []
+    ticks = torch.linspace(1 / 3 / num_phi, 1 - 1 / 3 / num_phi, num_phi)
+    positions = [i / max(1, num_scales - 1) for i in range(num_scales)]
+    return [int((ticks - position).abs().argmin()) for position in positions]
+
+
 class Phi(nn.Module):
     """VAR's refinement of an upsampled code map: (1 - ratio) * h + ratio * conv3x3(h)."""
 
@@ -52,15 +62,18 @@ class MultiScaleQuantizer(nn.Module):
         self.quantizer = build_codebook_quantizer(base, codebook_size=codebook_size, codebook_dim=codebook_dim,
                                                   **base_kwargs)
         self.phi = nn.ModuleList(Phi(codebook_dim, phi_ratio) for _ in range(num_phi))
+        self.phi_for_scale = phi_assignment(len(scales), num_phi)
+        # With fewer scales than phis some phi serves no scale: it would get no gradient, which DDP
+        # (find_unused_parameters=False) reports as an error on the second step. Freeze it instead of
+        # dropping it, so saved models keep their weight names.
+        for index, phi in enumerate(self.phi):
+            if index not in self.phi_for_scale:
+                phi.requires_grad_(False)
 
     def _refine(self, scale_index: int, h: torch.Tensor) -> torch.Tensor:
         if not len(self.phi):
             return h
-        # Each phi serves the scales nearest its tick in [0, 1], as VAR shares them.
-        position = scale_index / max(1, len(self.scales) - 1)
-        n = len(self.phi)
-        ticks = torch.linspace(1 / 3 / n, 1 - 1 / 3 / n, n)
-        return self.phi[int((ticks - position).abs().argmin())](h)
+        return self.phi[self.phi_for_scale[scale_index]](h)
 
     def _check_grid(self, height: int, width: int) -> None:
         if height != width or height != self.scales[-1]:
@@ -79,9 +92,10 @@ class MultiScaleQuantizer(nn.Module):
         rest = z.detach()
         z_hat = torch.zeros_like(z)
         indices, codebook_loss, commitment_loss = [], 0.0, 0.0
+        codebook = self.quantizer.search_codebook()  # C_hat once for every scale
         for i, s in enumerate(self.scales):
             coarse = rest if s == side else F.interpolate(rest, size=(s, s), mode="area")
-            _, z_q, index = self.quantizer.quantize(coarse)
+            _, z_q, index = self.quantizer.quantize(coarse, codebook)
             h = self._refine(i, self._upsample(z_q, side))
             z_hat = z_hat + h
             rest = rest - h.detach()
@@ -111,8 +125,9 @@ class MultiScaleQuantizer(nn.Module):
             raise ValueError(f"multiscale indices must be (B, {sum(lengths)}), got {tuple(indices.shape)}")
         side = self.scales[-1]
         parts = torch.split(indices, lengths, dim=1)
+        codebook = self.quantizer.search_codebook()
         return sum(
-            self._refine(i, self._upsample(self.quantizer.lookup(part.reshape(-1, s, s)), side))
+            self._refine(i, self._upsample(self.quantizer.lookup(part.reshape(-1, s, s), codebook), side))
             for i, (s, part) in enumerate(zip(self.scales, parts, strict=True))
         )
 

@@ -40,9 +40,10 @@ class VectorQuantizer(CodebookQuantizer):
 
 def plain_copy(quantizer: CodebookQuantizer) -> VectorQuantizer:
     """``export_plain`` of the families that map a table (simvq, lc, fvq): a plain ``vq`` quantizer
-    holding ``quantizer.codebook()`` as its table, with the same indices and codes."""
+    holding ``quantizer.codebook()`` (in float32, as the search uses it) as its table, with the same
+    indices and codes."""
     plain = VectorQuantizer.like(quantizer)
     with torch.no_grad():
-        codebook = quantizer.codebook()
+        codebook = quantizer.search_codebook()
         plain.embedding.weight.copy_(codebook)
     return plain.to(codebook.device)

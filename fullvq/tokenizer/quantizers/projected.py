@@ -20,6 +20,8 @@ from .plain import plain_copy
 class SimVQQuantizer(CodebookQuantizer):
     """SimVQ: frozen random codebook C ~ N(0, 1/D) and a trainable linear map, C_hat = C W."""
 
+    frozen_buffer_names = ("frozen_codebook",)  # seeded: the same on every process
+
     def __init__(self, codebook_size: int, codebook_dim: int, *, seed: int = 0, **kwargs):
         super().__init__(codebook_size, codebook_dim, **kwargs)
         generator = torch.Generator().manual_seed(seed)
@@ -39,6 +41,8 @@ class LCQuantizer(CodebookQuantizer):
     The table is filled by ``load_codebook`` (k-means centres from ``fullvq init-codebook``) and
     saved with the model, so ``from_pretrained`` needs no codebook file.
     """
+
+    frozen_buffer_names = ("frozen_codebook",)  # every process loads the same file or checkpoint
 
     def __init__(self, codebook_size: int, codebook_dim: int, *, feature_dim: int = 768, **kwargs):
         super().__init__(codebook_size, codebook_dim, **kwargs)
