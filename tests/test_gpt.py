@@ -231,7 +231,7 @@ def test_guidance_scale_one_equals_conditional_sampling():
     conditional = sample(model, labels, guidance_scale=1.0, generator=torch.Generator().manual_seed(3))
     # Force the batched [cond; null] path at scale 1 everywhere.
     processor = build_logits_processor()
-    guided = _decode(model, labels, torch.ones(12), processor, 1.0, torch.Generator().manual_seed(3), True)
+    guided = _decode(model, labels, torch.ones(12), processor, 1.0, torch.Generator().manual_seed(3))
     assert torch.equal(guided, conditional)
     strong = sample(model, labels, guidance_scale=8.0, generator=torch.Generator().manual_seed(3))
     assert not torch.equal(strong, conditional)

@@ -4,6 +4,9 @@ The sequence is one class-embedding prefix token followed by the image tokens in
 Llama supplies the blocks (RMSNorm, SwiGLU, SDPA attention, KV cache); this file adds the class
 prefix, the image-token embedding and head over the codebook, LlamaGen's dropouts, and a 2D
 rotary embedding that replaces Llama's 1D one in ``model.rotary_emb``.
+
+(About 480 lines, over the house's ~450: the config, the 2D rotary embedding it derives and the
+model's checked, cached and compiled entry points are read together.)
 """
 
 from __future__ import annotations
@@ -19,6 +22,8 @@ from diffusers.utils import BaseOutput
 from torch import nn
 from transformers import AutoConfig, AutoModel, LlamaConfig, LlamaModel, PretrainedConfig, PreTrainedModel
 from transformers.cache_utils import Cache
+
+from .token_loss import chunked_cross_entropy, token_accuracy
 
 # LlamaGen's GPT sizes: name -> (num_hidden_layers, hidden_size, num_attention_heads).
 GPT_SIZES = {
@@ -236,11 +241,13 @@ def _output_dropout(module: nn.Module, args, output: torch.Tensor, p: float) -> 
 @dataclass
 class FullVQGPTOutput(BaseOutput):
     """loss: mean next-token cross-entropy when ``labels`` are given; logits: (B, L, codebook_size),
-    row ``t`` predicting image token ``past_length + t``; past_key_values: the KV cache when used."""
+    row ``t`` predicting image token ``past_length + t``; past_key_values: the KV cache when used;
+    token_accuracy: share of targets predicted right by the argmax, when ``labels`` are given."""
 
     loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
     past_key_values: Cache | None = None
+    token_accuracy: torch.Tensor | None = None
 
 
 class FullVQGPT(PreTrainedModel):
@@ -314,8 +321,16 @@ class FullVQGPT(PreTrainedModel):
             raise ValueError(f"{name} must have shape (B, T) or (B, {h}, {w}), got {tuple(tokens.shape)}")
         if tokens.dtype.is_floating_point or tokens.dtype == torch.bool:
             raise TypeError(f"{name} must hold integer token ids, got {tokens.dtype}")
+        size = self.config.codebook_size
+        if tokens.device.type != "cpu":
+            # Reading min / max back would stall the GPU every step (every token when sampling).
+            valid = (tokens >= 0) & (tokens < size)
+            if name == "labels":
+                valid |= tokens == -100
+            torch._assert_async(valid.all(), f"{name} hold token ids outside [0, {size}) (codebook_size)")
+            return tokens.long()
         valid = tokens[tokens != -100] if name == "labels" else tokens
-        if valid.numel() and (valid.min() < 0 or valid.max() >= self.config.codebook_size):
+        if valid.numel() and (valid.min() < 0 or valid.max() >= size):
             raise ValueError(
                 f"{name} holds token ids in [{int(valid.min())}, {int(valid.max())}] but must lie in "
                 f"[0, {self.config.codebook_size}) (codebook_size)"
@@ -331,6 +346,10 @@ class FullVQGPT(PreTrainedModel):
         if batch_size is not None and len(class_labels) != batch_size:
             raise ValueError(f"class_labels holds {len(class_labels)} labels for a batch of {batch_size} sequences")
         num_classes = self.config.num_classes
+        if class_labels.device.type != "cpu":  # no read-back on a GPU (see _flatten_tokens)
+            torch._assert_async(((class_labels >= 0) & (class_labels <= num_classes)).all(),
+                                f"class_labels outside [0, {num_classes}] (num_classes; {num_classes} = null class)")
+            return class_labels.long()
         if len(class_labels) and (class_labels.min() < 0 or class_labels.max() > num_classes):
             bad = class_labels[(class_labels < 0) | (class_labels > num_classes)].unique()[:10].tolist()
             raise ValueError(
@@ -375,6 +394,8 @@ class FullVQGPT(PreTrainedModel):
         labels: torch.LongTensor | None = None,
         past_key_values: Cache | None = None,
         use_cache: bool | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
     ) -> FullVQGPTOutput:
         """Next-token logits over the codebook.
 
@@ -390,11 +411,44 @@ class FullVQGPT(PreTrainedModel):
                 of logits rows ``0..N-1`` against them.
             past_key_values: a transformers ``Cache`` from an earlier call (its tokens precede these).
             use_cache: return the updated cache (default: only when ``past_key_values`` is given).
+            logits_to_keep: compute logits for the last ``logits_to_keep`` positions only (0 = all).
+            return_logits: ``False`` returns no logits; with ``labels`` the loss is then computed in
+                row chunks that never hold the (B, L, codebook_size) logits at once (training at
+                262,144 codes: ~8.6 GB per float32 copy at B = 32).
 
         Returns:
-            :class:`FullVQGPTOutput` with ``logits`` (B, L, codebook_size), L = prefix + T positions.
+            :class:`FullVQGPTOutput` with ``logits`` (B, L, codebook_size), L = prefix + T positions
+            (or the last ``logits_to_keep``), and with ``labels`` the ``loss`` and ``token_accuracy``.
         """
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        hidden, cache = self.trunk(input_ids, class_labels, past_key_values, use_cache)
+        loss = accuracy = logits = None
+        if labels is not None:
+            labels = self._flatten_tokens(labels, "labels").to(hidden.device)
+            if labels.shape[0] != hidden.shape[0] or labels.shape[1] > hidden.shape[1]:
+                raise ValueError(
+                    f"labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(hidden.shape[:2])}: "
+                    "give at most one target per logits row (prefix + input_ids)"
+                )
+            if not return_logits:
+                loss, accuracy = chunked_cross_entropy(hidden[:, : labels.shape[1]], self.lm_head.weight, labels)
+        if return_logits:
+            logits = self.lm_head(hidden[:, -logits_to_keep:] if logits_to_keep else hidden)
+            if labels is not None:
+                targets = logits[:, : labels.shape[1]].float()
+                loss = F.cross_entropy(targets.reshape(-1, targets.shape[-1]), labels.reshape(-1), ignore_index=-100)
+                accuracy = token_accuracy(targets.detach(), labels)
+        return FullVQGPTOutput(loss=loss, logits=logits, past_key_values=cache, token_accuracy=accuracy)
+
+    def trunk(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        class_labels: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        use_cache: bool | None = None,
+    ) -> tuple[torch.Tensor, Cache | None]:
+        """The transformer's last hidden states (B, L, hidden_size) and the cache (``None`` unless
+        ``use_cache``); arguments and checks as :meth:`forward`, which adds the head and the loss."""
+        past_length = int(past_key_values.get_seq_length()) if past_key_values is not None else 0
         if use_cache is None:
             use_cache = past_key_values is not None
         inputs_embeds = self._input_embeddings(input_ids, class_labels, past_length)
@@ -410,24 +464,26 @@ class FullVQGPT(PreTrainedModel):
             use_cache=use_cache,
             **{_CACHE_NAME: past_key_values},
         )
-        logits = self.lm_head(outputs.last_hidden_state)
+        return outputs.last_hidden_state, getattr(outputs, _CACHE_NAME, None) if use_cache else None
 
-        loss = None
-        if labels is not None:
-            labels = self._flatten_tokens(labels, "labels").to(logits.device)
-            if labels.shape[0] != logits.shape[0] or labels.shape[1] > logits.shape[1]:
-                raise ValueError(
-                    f"labels of shape {tuple(labels.shape)} do not fit logits of shape {tuple(logits.shape[:2])}: "
-                    "give at most one target per logits row (prefix + input_ids)"
-                )
-            targets = logits[:, : labels.shape[1]].float()
-            loss = F.cross_entropy(targets.reshape(-1, targets.shape[-1]), labels.reshape(-1), ignore_index=-100)
+    def decode_step(self, input_ids: torch.Tensor, position_ids: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One cached decoding step: appends token ``input_ids`` (R, 1) of each row at sequence position
+        ``position_ids`` ((1, 1) or (R, 1)) to ``cache`` and returns the last hidden state (R, hidden_size).
 
-        return FullVQGPTOutput(
-            loss=loss,
-            logits=logits,
-            past_key_values=getattr(outputs, _CACHE_NAME, None) if use_cache else None,
-        )
+        No input checks and no host reads, so that a sampler can run it once per token, compiled and
+        captured as a CUDA graph with a ``StaticCache``; :meth:`forward` is the checked entry point.
+        """
+        outputs = self.model(inputs_embeds=self.model.embed_tokens(input_ids), position_ids=position_ids,
+                             use_cache=True, **{_CACHE_NAME: cache})
+        return outputs.last_hidden_state[:, -1]
+
+    def next_token_logits(self, hidden: torch.Tensor, head_weight: torch.Tensor | None = None) -> torch.Tensor:
+        """float32 logits (R, codebook_size) from hidden states (R, hidden_size), the head run in float32
+        whatever the model's dtype: guidance multiplies logit differences by (scale - 1), and with them
+        any bf16 rounding. ``head_weight``: ``lm_head.weight.float()``, made once per sampling call."""
+        weight = self.lm_head.weight.float() if head_weight is None else head_weight
+        with torch.autocast(device_type=hidden.device.type, enabled=False):
+            return F.linear(hidden.float(), weight)
 
 
 AutoConfig.register(FullVQGPTConfig.model_type, FullVQGPTConfig, exist_ok=True)

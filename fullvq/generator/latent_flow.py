@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler, DiTTransformer2DModel, FlowMatchEulerDiscreteScheduler
 from diffusers.models.embeddings import LabelEmbedding
+from diffusers.utils.torch_utils import randn_tensor
 
 from .sampling import classifier_free_guidance
 
@@ -132,16 +133,16 @@ def diffusion_loss(transformer, objective: str, latents: torch.Tensor, labels: t
 
 def guided_prediction(transformer, latents: torch.Tensor, timestep: torch.Tensor, labels: torch.Tensor,
                       guidance_scale: float) -> torch.Tensor:
-    """The model output with classifier-free guidance (``classifier_free_guidance``, the GPT's formula)
-    from one batched pass over conditional and null labels; ``s = 1`` runs the conditional pass alone."""
+    """The model output (float32) with classifier-free guidance (``classifier_free_guidance``, the GPT's
+    formula) from one batched pass over conditional and null labels; ``s = 1`` runs the conditional pass alone."""
     batch = latents.shape[0]
     timesteps = timestep.expand(batch) if timestep.ndim else timestep.repeat(batch)
     if guidance_scale == 1:
-        return transformer(latents, timestep=timesteps, class_labels=labels).sample
+        return transformer(latents, timestep=timesteps, class_labels=labels).sample.float()
     null = torch.full_like(labels, null_class(transformer))
     both = transformer(torch.cat([latents, latents]), timestep=torch.cat([timesteps, timesteps]),
                        class_labels=torch.cat([labels, null])).sample
-    conditional, unconditional = both.chunk(2)
+    conditional, unconditional = both.float().chunk(2)  # guidance in float32: it scales rounding by s
     return classifier_free_guidance(conditional, unconditional, guidance_scale)
 
 
@@ -153,7 +154,10 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
 
     ``scheduler`` decides the objective: ``FlowMatchEulerDiscreteScheduler`` reads the output as a
     velocity, any DDPM-family scheduler (DDIM, DPM-Solver, ...) as the predicted noise. The start
-    noise is drawn on the CPU from ``generator``, so a seed gives the same images on any device.
+    noise comes from diffusers' ``randn_tensor``: drawn where ``generator`` lives (a CPU generator gives
+    the same noise for a model on any device; a CUDA one draws on the GPU). Latents and the scheduler's
+    state stay float32 whatever the transformer's dtype (an Euler step adds ~2 % of |x|, which bf16
+    storage would round away over 50 steps); only the transformer's input is cast.
     """
     if num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps} must be >= 1")
@@ -162,7 +166,7 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
     config = transformer.config
     device, dtype = transformer.device, transformer.dtype
     shape = (len(labels), config.in_channels, config.sample_size, config.sample_size)
-    latents = torch.randn(shape, generator=generator).to(device, dtype)
+    latents = randn_tensor(shape, generator=generator, device=device, dtype=torch.float32)
     if not is_flow(scheduler):
         latents = latents * scheduler.init_noise_sigma
     scheduler.set_timesteps(num_inference_steps, device=device)
@@ -173,7 +177,7 @@ def sample_latents(transformer, scheduler, labels: torch.Tensor, *, num_inferenc
     step_kwargs = {"generator": generator} if "generator" in inspect.signature(scheduler.step).parameters else {}
     for t in (progress(steps) if progress else steps):
         model_input = scheduler.scale_model_input(latents, t) if scales_input else latents
-        output = guided_prediction(transformer, model_input, t.to(device), labels, guidance_scale)
+        output = guided_prediction(transformer, model_input.to(dtype), t.to(device), labels, guidance_scale)
         latents = scheduler.step(output, t, latents, **step_kwargs).prev_sample
     return latents
 
