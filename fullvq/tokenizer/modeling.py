@@ -156,6 +156,12 @@ class FVQModel(ModelMixin, ConfigMixin):
         model = _own_memory(model)
         return (model, info) if return_info else model
 
+    def compile_blocks(self, **options) -> None:
+        """``torch.compile`` the encoder and the decoder in place (``options`` go to ``torch.compile``);
+        the quantizer stays eager (its search is a loop over blocks). Weight names are unchanged."""
+        self.encoder.compile(**options)
+        self.decoder.compile(**options)
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config.block_out_channels) - 1)

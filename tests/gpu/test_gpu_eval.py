@@ -12,7 +12,8 @@ def test_fid_of_a_small_set_on_cuda_is_the_cpu_fid(device, tmp_path):
     # The real weights when the machine has them; else random ones (the same arithmetic, meaningless features).
     weights = os.environ.get(INCEPTION_WEIGHTS_ENV) or random_inception_weights(tmp_path / "inception.pth")
     generator = torch.Generator().manual_seed(0)
-    real = torch.randint(0, 256, (8, 3, 64, 64), generator=generator, dtype=torch.uint8)
+    count = 16 if device.type == "cuda" else 4  # InceptionV3 is slow on a small CPU
+    real = torch.randint(0, 256, (count, 3, 64, 64), generator=generator, dtype=torch.uint8)
     fake = (real.float() * 0.8 + 20 * torch.rand(real.shape, generator=generator)).to(torch.uint8)
     scores = []
     for where in ("cpu", device) if device.type == "cuda" else ("cpu",):  # on the CPU stand-in: once
