@@ -162,7 +162,8 @@ class PerceptualLoss(nn.Module):
     left out of ``state_dict`` so training checkpoints hold only what trains.
     """
 
-    def __init__(self, vgg_weights: str | os.PathLike | None = None, random_backbone: bool = False):
+    def __init__(self, vgg_weights: str | os.PathLike | None = None, random_backbone: bool = False,
+                 autocast_trunk: bool = False):
         super().__init__()
         import lpips
 
@@ -173,6 +174,9 @@ class PerceptualLoss(nn.Module):
             self.lpips = lpips.LPIPS(net="vgg", pnet_rand=True, verbose=False)
         if state is not None:
             self._load_backbone(state, vgg_weights)
+        self.autocast_trunk = autocast_trunk
+        if autocast_trunk:
+            self.lpips.net = _AutocastTrunk(self.lpips.net)
         self.lpips.requires_grad_(False)
         self.train(False)
         self._frozen_keys = tuple(self.lpips.state_dict().keys())
@@ -206,9 +210,47 @@ class PerceptualLoss(nn.Module):
         return super().train(False)
 
     def forward(self, images: torch.Tensor, reconstructions: torch.Tensor) -> torch.Tensor:
-        """Per-image LPIPS distance, shape (B,), float32; images and reconstructions in [-1, 1]."""
-        with _float32(images.device.type):
+        """Per-image LPIPS distance, shape (B,), float32; images and reconstructions in [-1, 1].
+
+        With ``autocast_trunk`` the VGG trunk runs under the caller's autocast (bf16 on a GPU, about
+        twice as fast; LlamaGen runs LPIPS so); feature normalisation, differences and heads stay float32.
+        """
+        device_type = images.device.type
+        if self.autocast_trunk:
+            enabled = torch.is_autocast_enabled(device_type)
+            self.lpips.net.dtype = torch.get_autocast_dtype(device_type) if enabled else None
+        with _float32(device_type):
             return self.lpips(images.float(), reconstructions.float()).flatten()
+
+
+class _AutocastTrunk(nn.Module):
+    """LPIPS' VGG trunk under autocast at ``dtype`` (``None``: as is); its feature maps come back float32."""
+
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.net, self.dtype = net, None
+
+    def forward(self, x: torch.Tensor):
+        if self.dtype is None:
+            return self.net(x)
+        with torch.autocast(x.device.type, dtype=self.dtype):
+            features = self.net(x)
+        return type(features)(*(feature.float() for feature in features))
+
+
+class _frozen:
+    """Within the block, ``module``'s parameters require no gradient (restored after)."""
+
+    def __init__(self, module: nn.Module):
+        self.params = [p for p in module.parameters() if p.requires_grad]
+
+    def __enter__(self):
+        for p in self.params:
+            p.requires_grad_(False)
+
+    def __exit__(self, *exc):
+        for p in self.params:
+            p.requires_grad_(True)
 
 
 def _drop_frozen_keys(module: PerceptualLoss, state_dict: dict, prefix: str, local_metadata) -> None:
@@ -309,13 +351,18 @@ class TokenizerLoss(nn.Module):
         gan_start_step: first step at which the GAN term counts and the discriminator trains.
         vgg_weights: local torchvision vgg16 state dict for LPIPS (see ``PerceptualLoss``).
         perceptual_random_backbone: tests only: LPIPS with a random VGG, no weights file needed.
+        perceptual_autocast: run LPIPS' VGG trunk under the training's autocast (bf16: ~2x faster;
+            the rest of LPIPS stays float32). Off: all of LPIPS in float32.
+        adaptive_gan_weight_every: recompute the adaptive weight every this many steps and reuse it
+            in between (each recomputation is two extra backward passes through the decoder's end).
         discriminator_channels, discriminator_layers, in_channels: the ``PatchGANDiscriminator``.
 
     In a loop: ``loss, logs = loss_fn.generator_loss(x, out.sample, out.loss, step,
     model.decoder.conv_out.weight)``; backward and step the tokenizer; then, if
-    ``loss_fn.gan_active(step)``, zero the discriminator's gradients (the generator pass left some
-    there), ``d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample, step)``, backward and step
-    ``loss_fn.discriminator``.
+    ``loss_fn.gan_active(step)``, ``d_loss, d_logs = loss_fn.discriminator_loss(x, out.sample, step)``,
+    backward and step ``loss_fn.discriminator``. The generator pass leaves no gradient in the
+    discriminator (its weights are frozen while it judges the reconstructions), so under gradient
+    accumulation the discriminator's gradients hold its own loss of every micro-batch.
     """
 
     def __init__(
@@ -333,6 +380,8 @@ class TokenizerLoss(nn.Module):
         in_channels: int = 3,
         vgg_weights: str | os.PathLike | None = None,
         perceptual_random_backbone: bool = False,
+        perceptual_autocast: bool = False,
+        adaptive_gan_weight_every: int = 1,
     ):
         super().__init__()
         if reconstruction_loss not in RECONSTRUCTION_LOSSES:
@@ -351,8 +400,12 @@ class TokenizerLoss(nn.Module):
         self.gan_start_step = gan_start_step
         self.adaptive_gan_weight = adaptive_gan_weight
         self.adaptive_gan_weight_max = adaptive_gan_weight_max
+        if adaptive_gan_weight_every < 1:
+            raise ValueError(f"adaptive_gan_weight_every={adaptive_gan_weight_every} must be >= 1 (1: every step)")
+        self.adaptive_gan_weight_every = adaptive_gan_weight_every
+        self._adaptive_weight: tuple[int, torch.Tensor] | None = None  # (step, value) of the last recomputation
         self.perceptual = (
-            PerceptualLoss(vgg_weights, random_backbone=perceptual_random_backbone)
+            PerceptualLoss(vgg_weights, random_backbone=perceptual_random_backbone, autocast_trunk=perceptual_autocast)
             if perceptual_weight > 0 else None
         )
         self.discriminator = (
@@ -395,10 +448,11 @@ class TokenizerLoss(nn.Module):
 
         gan, weight = zero, zero
         if self.gan_active(step):
-            logits_fake = self.discriminator(reconstructions.contiguous())  # runs under the caller's autocast
+            with _frozen(self.discriminator):  # its weight gradients here would only be thrown away
+                logits_fake = self.discriminator(reconstructions.contiguous())  # under the caller's autocast
             with _float32(device.type):
                 gan = _GENERATOR_LOSSES[self.gan_loss](logits_fake)
-                weight = torch.tensor(self.gan_weight, device=device)
+                weight = zero + self.gan_weight  # a device op: torch.tensor(x, device=cuda) would sync
                 if self.adaptive_gan_weight:
                     if last_layer is None:
                         raise ValueError(
@@ -406,7 +460,7 @@ class TokenizerLoss(nn.Module):
                             "pass it to generator_loss or set adaptive_gan_weight=False"
                         )
                     if torch.is_grad_enabled() and gan.requires_grad:
-                        weight = weight * adaptive_gan_weight(nll, gan, last_layer, self.adaptive_gan_weight_max)
+                        weight = weight * self._adaptive_factor(nll, gan, last_layer, step)
                     # Without gradients (validation) the adaptive factor is taken as 1.
 
         with _float32(device.type):
@@ -420,6 +474,13 @@ class TokenizerLoss(nn.Module):
             "total_loss": total,
         }
         return total, {name: value.detach() for name, value in logs.items()}
+
+    def _adaptive_factor(self, nll: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor, step: int) -> torch.Tensor:
+        """Taming's adaptive weight, recomputed every ``adaptive_gan_weight_every`` steps (reused between)."""
+        last = self._adaptive_weight
+        if last is None or step < last[0] or step - last[0] >= self.adaptive_gan_weight_every:
+            self._adaptive_weight = (step, adaptive_gan_weight(nll, gan, last_layer, self.adaptive_gan_weight_max))
+        return self._adaptive_weight[1]
 
     def discriminator_loss(
         self, images: torch.Tensor, reconstructions: torch.Tensor, step: int, discriminator: nn.Module | None = None
