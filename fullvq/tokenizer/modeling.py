@@ -193,6 +193,11 @@ class FVQModel(ModelMixin, ConfigMixin):
                 f"image size {tuple(images.shape[-2:])} is not divisible by the downsample factor {factor}; "
                 f"resize or crop to a multiple of {factor}"
             )
+        if self.training and images.device.type != "cpu":
+            # A training step on a GPU: reading the range back would stall every step; check on the device.
+            inside = (images.detach().abs() <= 1 + _RANGE_TOLERANCE).all()
+            torch._assert_async(inside, "images must lie in [-1, 1]; map [0, 1] images with x * 2 - 1")
+            return
         low, high = torch.aminmax(images.detach())
         if low < -1 - _RANGE_TOLERANCE or high > 1 + _RANGE_TOLERANCE:
             raise ValueError(

@@ -1,8 +1,10 @@
 """Training steps on CUDA in bf16: the tokenizer through the Trainer (LPIPS and the GAN on), the GPT."""
 
 import json
+import warnings
 
 import numpy as np
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -62,3 +64,30 @@ def test_one_bf16_gpt_training_step(device):
     torch.testing.assert_close(out.loss, full.loss, rtol=1e-3, atol=1e-3)  # chunked loss = full-logits loss
     assert all(g is not None and torch.isfinite(g).all() for g in grads)
     assert sum(bool(g.abs().sum() > 0) for g in grads) == len(grads)
+
+
+@pytest.mark.parametrize("quantizer", ["vq", "fvq", "simvq"])
+def test_a_tokenizer_training_forward_and_backward_read_nothing_back_to_the_host(quantizer, device):
+    if device.type != "cuda":
+        pytest.skip("host syncs exist on CUDA only")
+    from fullvq import FVQModel
+    from fullvq.tokenizer.quantizers import CodebookUsage
+
+    model = FVQModel(sample_size=32, block_out_channels=(16, 32), layers_per_block=1, latent_channels=16,
+                     norm_num_groups=8, quantizer=quantizer, codebook_size=1024, codebook_dim=8).to(device).train()
+    usage = CodebookUsage(1024, device=device)
+    images = torch.rand(4, 3, 32, 32, device=device) * 2 - 1
+    torch.cuda.synchronize()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                out = model(images)
+                loss = out.loss + out.sample.float().square().mean()
+            loss.backward()
+            usage.update(out.indices)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    syncs = [str(w.message) for w in caught if "synchronizing" in str(w.message)]
+    assert syncs == []
