@@ -181,8 +181,8 @@ def tokenizer_step(device, size, quantizer: str, codebook_size: int, compiled: b
     from torch.utils.flop_counter import FlopCounterMode
 
     from fullvq.config import build_dataclass
-    from fullvq.tokenizer.train import TokenizerStage, TokenizerTrainConfig
-    from fullvq.training import Trainer
+    from fullvq.jobs.loop import Trainer
+    from fullvq.jobs.train_tokenizer import TokenizerStage, TokenizerTrainConfig
 
     batch, resolution = size["tokenizer_batch"], size["resolution"]
     config = build_dataclass(TokenizerTrainConfig, {

@@ -9,7 +9,7 @@ PACKAGE = Path(fullvq.__file__).parent
 
 # Bottom to top; a module may import its own layer and those below it.
 LAYERS = [
-    {"config", "data", "images", "io", "distributed", "cards"},  # base
+    {"config", "data", "images", "io", "distributed", "cards", "precision"},  # base
     {"tokenizer"},  # models: stage one
     {"generator"},  # models: stage two
     {"pipelines"},

@@ -11,7 +11,7 @@ from PIL import Image
 
 from fullvq.config import load_config
 from fullvq.generator import FullVQGPT, FullVQGPTConfig
-from fullvq.tokenizer.train import TokenizerTrainConfig, train_tokenizer
+from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
 
 
 def image_folder(root, count: int = 8, size: int = 32):
