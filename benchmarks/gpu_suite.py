@@ -102,7 +102,7 @@ def ceilings(device: torch.device, size: dict) -> dict:
     for name, dtype in (("bf16_flops", torch.bfloat16), ("fp32_flops", torch.float32)):
         a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
         with ieee_float32():
-            seconds = median_seconds(lambda: a @ b, device, repeats=10, warmup=3)
+            seconds = median_seconds(functools.partial(torch.matmul, a, b), device, repeats=10, warmup=3)
         found[name] = 2 * n**3 / seconds
     x = torch.randn(int(size["copy_gb"] * 1e9 / 4), device=device)
     y = torch.empty_like(x)
@@ -176,7 +176,8 @@ class _Images(torch.utils.data.Dataset):
         return {"pixel_values": torch.rand(3, self.resolution, self.resolution) * 2 - 1}
 
 
-def tokenizer_step(device, size, quantizer: str, codebook_size: int, compiled: bool) -> tuple[float, float | None, float]:
+def tokenizer_step(device, size, quantizer: str, codebook_size: int, compiled: bool
+                   ) -> tuple[float, float | None, float]:
     """Seconds per training step (generator + discriminator, LPIPS and GAN on), peak GB, FLOPs per step."""
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -248,7 +249,8 @@ def _tokenizer_rows(device, size, ceiling) -> list[dict]:
                 flops.setdefault((quantizer, codebook_size), step_flops)
                 bound = batch / (flops[(quantizer, codebook_size)] / ceiling["bf16_flops"])
                 speed[(quantizer, codebook_size, compiled)] = batch / seconds
-                rows.append(row("b", case, "images/s", batch / seconds, bound=bound, target="FLOP bound at bf16 GEMM rate",
+                rows.append(row("b", case, "images/s", batch / seconds, bound=bound,
+                                target="FLOP bound at bf16 GEMM rate",
                                 peak_memory_gb=peak, flops_per_step=flops[(quantizer, codebook_size)]))
         for compiled in (False, True):
             vq, fvq = speed.get(("vq", codebook_size, compiled)), speed.get(("fvq", codebook_size, compiled))
@@ -388,7 +390,8 @@ def section_search(device, size, ceiling, out, smoke) -> list[dict]:
         codebook = torch.randn(codes, dim, device=device)
         bound = 2 * tokens * codes * dim / ceiling["fp32_flops"]
         for blocks in (None, 2**24):
-            seconds = median_seconds(lambda: nearest_code(z, codebook, max_block_elements=blocks), device, repeats=5)
+            search = functools.partial(nearest_code, z, codebook, max_block_elements=blocks)
+            seconds = median_seconds(search, device, repeats=5)
             label = "default blocks" if blocks is None else f"{blocks} element blocks"
             ok = seconds <= 1.2 * bound if dim >= 64 and blocks is None and not smoke else None
             rows.append(row("e", f"{tokens} tokens x {codes} codes x {dim} ({label})", "ms", seconds * 1e3,
@@ -443,8 +446,8 @@ def markdown(results: dict) -> str:
              f"{results['seconds']:.0f} s in all.", "",
              "| item | case | figure | value | bound | target | ok | notes |", "|---|---|---|---:|---:|---|---|---|"]
     for r in results["rows"]:
-        notes = "; ".join(f"{k} {_figure(v)}" for k, v in r.items()
-                          if k not in ("item", "case", "figure", "value", "bound", "target", "ok") and v not in (None, []))
+        shown = ("item", "case", "figure", "value", "bound", "target", "ok")
+        notes = "; ".join(f"{k} {_figure(v)}" for k, v in r.items() if k not in shown and v not in (None, []))
         ok = {True: "yes", False: "**no**", None: ""}[r["ok"]]
         lines.append(f"| {r['item']} | {r['case']} | {r['figure']} | {_figure(r['value'])} | {_figure(r['bound'])} | "
                      f"{r['target']} | {ok} | {notes} |")

@@ -5,11 +5,10 @@ import pytest
 import torch
 from torch import nn
 
-from fullvq.generator import FullVQGPT, FullVQGPTConfig, sample
-from fullvq.generator import sampling
-from fullvq.generator.token_loss import chunked_cross_entropy
+from fullvq.generator import FullVQGPT, FullVQGPTConfig, sample, sampling
 from fullvq.generator.latent_flow import build_transformer, sample_latents, sampling_scheduler
 from fullvq.generator.sampling import device_generator, draw_tokens
+from fullvq.generator.token_loss import chunked_cross_entropy
 
 
 def random_gpt(**overrides) -> FullVQGPT:

@@ -217,7 +217,7 @@ def _stepper(model, labels, guided: bool, mode: str, compile_decode: bool):
 
 # One static cache (and compiled step) per model, reused by the next call of the same batch size:
 # compiled CUDA graphs are recorded against the cache's fixed addresses.
-_DECODERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _static_decoder(model, rows: int, compile_decode: bool):

@@ -63,19 +63,19 @@ class GPTStage(TrainingStage):
     def training_step(self, batch: dict, step: int) -> dict[str, torch.Tensor]:
         tokens = batch["tokens"]
         # The class prefix predicts token 0, so the last token is never an input (LlamaGen's way).
-        out = self.models["model"](input_ids=tokens[:, :-1], class_labels=batch["label"], labels=tokens)
+        # No logits back: the loss is computed in chunks, never holding (B, 256, K) float32 logits.
+        out = self.models["model"](input_ids=tokens[:, :-1], class_labels=batch["label"], labels=tokens,
+                                   return_logits=False)
         grad_norm = self.trainer.optimizer_step("model", out.loss)
-        logs = {"loss": out.loss.detach(),
-                "token_accuracy": (out.logits.detach().argmax(-1) == tokens).float().mean()}
+        logs = {"loss": out.loss.detach(), "token_accuracy": out.token_accuracy.detach()}
         if grad_norm is not None:
             logs["grad_norm"] = torch.as_tensor(grad_norm, device=tokens.device).float()
         return logs
 
     @torch.no_grad()
-    def write_samples(self, step: int, folder: Path) -> None:
+    def write_samples(self, step: int, folder: Path, model: torch.nn.Module) -> None:
         if not self.sample_labels:
             return
-        model = self.trainer.accelerator.unwrap_model(self.models["model"])
         generator = torch.Generator().manual_seed(self.trainer.config.seed)
         guidance_scale = self.config.sample_guidance_scale
         tokens = sample(model, self.sample_labels,
@@ -160,10 +160,9 @@ class LatentFlowStage(TrainingStage):
                                   latent_mean=self.statistics[0], latent_std=self.statistics[1])
 
     @torch.no_grad()
-    def write_samples(self, step: int, folder: Path) -> None:
+    def write_samples(self, step: int, folder: Path, model: torch.nn.Module) -> None:
         if not self.sample_labels:
             return
-        model = self.trainer.accelerator.unwrap_model(self.models["model"])
         was_training = model.training
         pipe = self.pipeline(model.eval())
         self.tokenizer.to(model.device)

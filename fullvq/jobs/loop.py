@@ -11,30 +11,32 @@ the final model. Everything else lives here, once:
   the newest complete one (which folders count and are complete: ``fullvq.jobs.checkpoints``);
 * one run per output folder (its lock, ``fullvq.io.hold_folder``), and nothing written before the
   folder and the checkpoint to resume are known to be right;
-* EMA of the model weights (diffusers' ``EMAModel``), saved as safetensors;
-* a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs (each step once).
+* EMA of the model weights (``fullvq.jobs.ema``), saved as safetensors;
+* the GPU switches, torch.compile and FSDP's rules (``fullvq.jobs.devices``);
+* a tqdm bar on the main process, ``metrics.jsonl`` beside the tracker's logs (each step once). The
+  step reads nothing back from the GPU: logs stay on the device and are read, with the non-finite
+  check (decided over all processes), at log and checkpoint steps.
 
-(About 500 lines, over the house's 450: the loop and how it saves and resumes read best in one file;
-what each step sees is apart, in ``fullvq.jobs.schedule``, and the checkpoint folders' rules in
-``fullvq.jobs.checkpoints``.)
+(About 490 lines, over the house's 450: the loop and how it saves and resumes read best in one file;
+what each step sees is apart, in ``fullvq.jobs.schedule``, the checkpoint folders' rules in
+``fullvq.jobs.checkpoints``, the device rules in ``fullvq.jobs.devices``.)
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
-import math
 import time
-from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Literal
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
-from ..config import ConfigError, above, at_least, check_fields, dump_config, to_dict, within
+from ..config import above, at_least, check_fields, dump_config, to_dict, within
 from ..io import disk_full_as_error, hold_folder, publish, remove, staging_path, write_text
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -47,7 +49,16 @@ from .checkpoints import (
     trim_metrics,
     write_manifest,
 )
-from .schedule import EpochSampler, SeededItems, lr_multiplier
+from .devices import (
+    check_sharding,
+    configure_backends,
+    full_copy,
+    is_sharded,
+    parameter_checksum,
+    prepare_models,
+)
+from .ema import ExponentialMovingAverage
+from .schedule import RunBatches, lr_multiplier, run_length
 
 
 @dataclass
@@ -85,6 +96,13 @@ class TrainConfig:
     resume: str | None = None  # "latest" or a checkpoint folder
     tracker: Literal["tensorboard", "wandb", "none"] = "tensorboard"
     project_name: str = "fullvq"
+    # Speed (see fullvq.jobs.devices); None = on for CUDA, off elsewhere.
+    compile: bool = False  # torch.compile: the tokenizer's encoder / decoder, each GPT block, the discriminator
+    allow_tf32: bool = True  # CUDA: TF32 matmuls and convolutions (never in the nearest-code search)
+    fused_adam: bool | None = None  # fused AdamW (default: on CUDA, except under FSDP)
+    channels_last: bool | None = None  # conv models in channels_last memory format
+    pin_memory: bool | None = None  # page-locked batches for asynchronous host-to-device copies
+    persistent_workers: bool = True  # keep DataLoader workers alive across epochs (num_workers > 0)
 
     def __post_init__(self):
         check_fields(self)
@@ -116,20 +134,13 @@ class TrainingStage:
         """Extra figures at each log step (called on every process; may all-reduce)."""
         return {}
 
-    def write_samples(self, step: int, folder: Path) -> None:
-        """Pictures at each sample step (main process only)."""
+    def write_samples(self, step: int, folder: Path, model: nn.Module) -> None:
+        """Pictures at each sample step (main process only); ``model`` is the plain (unwrapped, or under
+        FSDP an unsharded CPU copy of the) model to run."""
 
     def save_model(self, model: nn.Module, folder: Path) -> None:
         """Write the final (unwrapped, EMA-averaged if enabled) model."""
         model.save_pretrained(folder)
-
-
-def _to_device(batch, device):
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, dict):
-        return {k: _to_device(v, device) for k, v in batch.items()}
-    return batch
 
 
 class Trainer:
@@ -176,36 +187,19 @@ class Trainer:
             self._lock = hold_folder(self.output_dir, "fullvq training run", log=self.accelerator.print)
         self.resume_from = check_output_folder(self.output_dir, config.resume, ema=bool(config.ema_decay),
                                                log=self.accelerator.print)
+        configure_backends(config, self.accelerator.device)
         set_seed(config.seed)
         self.dataset = dataset
         self.streaming = isinstance(dataset, IterableDataset)
         world = self.accelerator.num_processes
-        if self.streaming:
-            if config.max_steps is None:
-                raise ConfigError("a streaming dataset has no length: set train.max_steps instead of train.epochs")
-            self.steps_per_epoch = None
-        else:
-            per_rank = len(dataset) // world
-            micro_batches = per_rank // config.batch_size
-            self.steps_per_epoch = micro_batches // config.gradient_accumulation_steps
-            if self.steps_per_epoch < 1:
-                raise ConfigError(
-                    f"{len(dataset)} images make no full step of batch_size={config.batch_size} x "
-                    f"{world} processes x {config.gradient_accumulation_steps} accumulation; lower train.batch_size"
-                )
-        self.total_steps = config.max_steps or math.ceil(config.epochs * self.steps_per_epoch)
-        if config.warmup_steps is not None:
-            self.warmup_steps = config.warmup_steps
-        elif self.steps_per_epoch:
-            self.warmup_steps = round(config.warmup_epochs * self.steps_per_epoch)
-        else:
-            self.warmup_steps = 0
-        self.warmup_steps = min(self.warmup_steps, max(0, self.total_steps - 1))
+        size = None if self.streaming else len(dataset)
+        self.steps_per_epoch, self.total_steps, self.warmup_steps = run_length(config, size, world)
         self.global_batch = config.batch_size * world * config.gradient_accumulation_steps
         scale = self.global_batch / config.reference_batch_size if config.scale_lr else 1.0
         self.peak_lr = config.learning_rate * scale
         self.step = 0
-        self.ema = None
+        self.ema: ExponentialMovingAverage | None = None
+        self._copies: dict = {}  # the unsharded model copy under FSDP (see devices.full_copy)
         self.stage = make_stage(self)
         self.stage.trainer = self
 
@@ -223,7 +217,10 @@ class Trainer:
     def adam(self, params, **kwargs) -> torch.optim.Optimizer:
         """AdamW at the peak lr with the config's betas and weight decay (the usual optimiser)."""
         c = self.config
-        options = dict(lr=self.peak_lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay)
+        fused = c.fused_adam if c.fused_adam is not None else (
+            self.accelerator.device.type == "cuda" and not is_sharded(self.accelerator))
+        options = dict(lr=self.peak_lr, betas=(c.adam_beta1, c.adam_beta2), weight_decay=c.weight_decay,
+                       fused=fused or None)
         options.update(kwargs)
         return torch.optim.AdamW(params, **options)
 
@@ -250,43 +247,10 @@ class Trainer:
     def is_main(self) -> bool:
         return self.accelerator.is_main_process
 
-    # -- data
-    def _loader(self, epoch: int, skip_batches: int) -> DataLoader:
-        c, acc = self.config, self.accelerator
-        if self.streaming:
-            # A stream is split between processes by the dataset itself (datasets' split_dataset_by_node).
-            stream = self.dataset.shard(acc.process_index, acc.num_processes) if acc.num_processes > 1 else self.dataset
-            return DataLoader(stream, batch_size=c.batch_size, num_workers=c.num_workers, drop_last=True)
-        items = SeededItems(self.dataset, c.seed)
-        items.epoch = epoch
-        sampler = EpochSampler(len(self.dataset), acc.process_index, acc.num_processes, c.seed, epoch,
-                               skip=skip_batches * c.batch_size)
-        return DataLoader(items, batch_size=c.batch_size, sampler=sampler, num_workers=c.num_workers, drop_last=True,
-                          pin_memory=acc.device.type == "cuda", persistent_workers=False)
-
-    def _batches(self) -> Iterator[dict]:
-        """Micro-batches from the current position onwards, epoch after epoch."""
-        accumulation = self.config.gradient_accumulation_steps
-        if self.streaming:
-            skip = self.step * accumulation
-            while True:
-                for batch in self._loader(0, 0):
-                    if skip:
-                        skip -= 1
-                        continue
-                    yield _to_device(batch, self.accelerator.device)
-        micro_per_epoch = self.steps_per_epoch * accumulation
-        epoch, done = divmod(self.step * accumulation, micro_per_epoch)
-        while True:
-            for i, batch in enumerate(self._loader(epoch, done)):
-                if done + i >= micro_per_epoch:
-                    break
-                yield _to_device(batch, self.accelerator.device)
-            epoch, done = epoch + 1, 0
-
     # -- checkpoints
-    def _ema_parameters(self):
-        return list(self.accelerator.unwrap_model(self.stage.models["model"]).parameters())
+    def _ema_names_and_parameters(self) -> tuple[list[str], list[nn.Parameter]]:
+        named = list(self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters())
+        return [n for n, _ in named], [p for _, p in named]
 
     def save_checkpoint(self) -> Path:
         """Write ``checkpoint-{step}`` atomically: into a temporary folder, its manifest last, then one
@@ -300,9 +264,11 @@ class Trainer:
         try:
             with disk_full_as_error(final):
                 acc.save_state(str(tmp), safe_serialization=True)
+                names = self._ema_names_and_parameters()[0]
+                ema = self.ema.full_state(names) if self.ema is not None else None  # under FSDP: gathers
                 acc.wait_for_everyone()  # every process's files are in before the manifest lists them
                 if self.is_main:
-                    self._write_checkpoint_extras(tmp)
+                    self._write_checkpoint_extras(tmp, ema)
                     write_manifest(tmp, self.step)
                     publish(tmp, final)
                     prune_checkpoints(self.output_dir, self.config.checkpoints_total_limit)
@@ -313,14 +279,12 @@ class Trainer:
         acc.wait_for_everyone()
         return final
 
-    def _write_checkpoint_extras(self, folder: Path) -> None:
-        """EMA weights, the trainer state and the resolved config (main process)."""
-        if self.ema is not None:
+    def _write_checkpoint_extras(self, folder: Path, ema: dict[str, torch.Tensor] | None) -> None:
+        """EMA weights (``ema``: their full tensors), the trainer state and the resolved config (main process)."""
+        if ema is not None:
             from safetensors.torch import save_file
 
-            names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
-            shadow = zip(names, self.ema.shadow_params, strict=True)
-            save_file({n: t.detach().contiguous().cpu() for n, t in shadow}, folder / "ema.safetensors")
+            save_file(ema, folder / "ema.safetensors")
         state = {"step": self.step, "total_steps": self.total_steps,
                  "ema_optimization_step": self.ema.optimization_step if self.ema is not None else None}
         (folder / "trainer_state.json").write_text(json.dumps(state))
@@ -341,34 +305,68 @@ class Trainer:
         if self.ema is not None:
             from safetensors.torch import load_file
 
-            shadow = load_file(folder / "ema.safetensors")
-            names = [n for n, _ in self.accelerator.unwrap_model(self.stage.models["model"]).named_parameters()]
-            for name, target in zip(names, self.ema.shadow_params, strict=True):
-                target.copy_(shadow[name].to(target.device))
+            self.ema.load_full_state(load_file(folder / "ema.safetensors"), self._ema_names_and_parameters()[0])
             self.ema.optimization_step = int(state["ema_optimization_step"])
 
     # -- the loop
     def prepare(self) -> None:
-        """Wrap the stage's models and optimisers for the devices (DDP, mixed precision), set up EMA
-        and restore the checkpoint to resume from. ``fit`` calls it; benchmarks call it alone."""
+        """Wrap the stage's models and optimisers for the devices (DDP or FSDP, mixed precision, compile),
+        set up EMA and restore the checkpoint to resume from. ``fit`` calls it; benchmarks call it alone."""
         from accelerate.utils import set_seed
-        from diffusers.training_utils import EMAModel
 
         acc, stage = self.accelerator, self.stage
+        check_sharding(acc, stage.models)
+        prepare_models(stage.models, self.config, acc.device)
         names = list(stage.models)
+        # One call: under FSDP2 accelerate remaps the optimisers onto the sharded parameters.
         prepared = acc.prepare(*[stage.models[n] for n in names], *[stage.optimizers[n] for n in names])
         prepared = prepared if isinstance(prepared, (tuple, list)) else (prepared,)
         for i, name in enumerate(names):
             stage.models[name] = prepared[i]
             stage.optimizers[name] = prepared[len(names) + i]
         decay = self.config.ema_decay
-        self.ema = EMAModel(self._ema_parameters(), decay=decay, foreach=True) if decay else None
+        self.ema = ExponentialMovingAverage(self._ema_names_and_parameters()[1], decay) if decay else None
         # Models are built and synced: from here each process draws its own noise, dropout and label
         # drops (a resumed run gets every process's saved RNG state back below).
         set_seed(self.config.seed + acc.process_index)
         if self.resume_from is not None:
             self._load_checkpoint(self.resume_from)
             acc.print(f"resumed from {self.resume_from} at step {self.step}")
+
+    def plain_model(self) -> nn.Module | None:
+        """The model to sample from or save on the main process: the unwrapped one, or under FSDP an
+        unsharded copy (``None`` on the other processes). Every process must call it."""
+        model = self.stage.models["model"]
+        if is_sharded(self.accelerator):
+            return full_copy(self.accelerator, model, self._copies)
+        return self.accelerator.unwrap_model(model)
+
+    def _check_finite(self, first_bad: torch.Tensor) -> None:
+        """Raise on every process if any process saw a non-finite loss (decided together, so none is left
+        waiting in a collective); ``first_bad`` is this process's first such step, -1 if none."""
+        first_bad = int(self.accelerator.reduce(first_bad.reshape(1), "max"))  # one read, at log steps only
+        if first_bad >= 0:
+            last = latest_checkpoint(self.output_dir)
+            raise FloatingPointError(
+                f"non-finite loss at step {first_bad}; stopped without saving. The last good checkpoint is "
+                f"{last or 'none'}: resume from it (train.resume=latest) with a lower learning_rate or "
+                "max_grad_norm, or mixed_precision=no"
+            )
+
+    def _log(self, sums: dict[str, torch.Tensor], count: int, bar) -> None:
+        acc, c = self.accelerator, self.config
+        keys = list(sums)
+        means = acc.reduce(torch.stack([sums[k].float() for k in keys]) / count, "mean").tolist()
+        record = dict(zip(keys, means, strict=True))
+        record.update(self.stage.periodic_logs(self.step))
+        record["lr"] = self.peak_lr * self.lr_factor(self.step - 1)
+        record["step"] = self.step
+        bar.set_postfix(loss=f"{record['loss']:.4f}")
+        if c.tracker != "none":
+            acc.log(record, step=self.step)
+        if self.is_main:
+            with open(self.output_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
 
     def fit(self) -> dict:
         """Train to ``total_steps`` and save the final model; returns a summary (also written as JSON).
@@ -390,49 +388,39 @@ class Trainer:
 
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not acc.is_local_main_process,
                    desc=f"training ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
-        sums: dict[str, float] = {}
+        sums: dict[str, torch.Tensor] = {}
         count = 0
+        first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
         start, start_step = time.perf_counter(), self.step
         models = list(stage.models.values())
-        batches = self._batches()
+        batches = RunBatches(self.dataset, c, acc, self.steps_per_epoch).from_step(self.step)
         while self.step < self.total_steps:
             self._set_lr(self.step)
             for _ in range(c.gradient_accumulation_steps):
                 batch = next(batches)
                 with acc.accumulate(*models):
                     logs = stage.training_step(batch, self.step)
-            loss = logs["loss"]
-            if not torch.isfinite(loss).all():
-                last = latest_checkpoint(self.output_dir)
-                raise FloatingPointError(
-                    f"non-finite loss ({float(loss)}) at step {self.step}; stopped without saving. The last good "
-                    f"checkpoint is {last or 'none'}: resume from it (train.resume=latest) with a lower "
-                    "learning_rate or max_grad_norm, or mixed_precision=no"
-                )
+            loss = logs["loss"].to(acc.device)
+            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss).all(), self.step, first_bad)
             self.step += 1
             if self.ema is not None:
-                self.ema.step(self._ema_parameters())
-            for key, value in logs.items():
-                sums[key] = sums.get(key, 0.0) + float(value)
+                self.ema.step(self._ema_names_and_parameters()[1])
+            for key, value in logs.items():  # device adds: read only at the log step
+                sums[key] = sums[key] + value.detach() if key in sums else value.detach().float().clone()
             count += 1
             bar.update(1)
-            if self.step % c.log_every == 0 or self.step == self.total_steps:
-                record = {k: v / count for k, v in sums.items()}
-                means = acc.reduce(torch.tensor(list(record.values()), device=acc.device), "mean")
-                record = {k: float(v) for k, v in zip(record, means, strict=True)}
-                record.update(stage.periodic_logs(self.step))
-                record["lr"] = self.peak_lr * self.lr_factor(self.step - 1)
-                record["step"] = self.step
+            log_now = self.step % c.log_every == 0 or self.step == self.total_steps
+            save_now = self.step % c.checkpoint_every == 0 or self.step == self.total_steps
+            if log_now or save_now:
+                self._check_finite(first_bad)
+            if log_now:
+                self._log(sums, count, bar)
                 sums, count = {}, 0
-                bar.set_postfix(loss=f"{record['loss']:.4f}")
-                if c.tracker != "none":
-                    acc.log(record, step=self.step)
+            if self.step % c.sample_every == 0 or self.step == self.total_steps:
+                model = self.plain_model()
                 if self.is_main:
-                    with open(self.output_dir / "metrics.jsonl", "a") as f:
-                        f.write(json.dumps(record) + "\n")
-            if self.is_main and (self.step % c.sample_every == 0 or self.step == self.total_steps):
-                stage.write_samples(self.step, self.output_dir / "samples")
-            if self.step % c.checkpoint_every == 0 or self.step == self.total_steps:
+                    stage.write_samples(self.step, self.output_dir / "samples", model)
+            if save_now:
                 self.save_checkpoint()
         bar.close()
         return self._finish(time.perf_counter() - start, self.step - start_step)
@@ -446,9 +434,7 @@ class Trainer:
     def _finish(self, seconds: float, steps: int) -> dict:
         acc = self.accelerator
         acc.wait_for_everyone()
-        model = acc.unwrap_model(self.stage.models["model"])
-        checksum = torch.stack([p.detach().double().sum() for p in model.parameters()]).sum().reshape(1)
-        checksums = acc.gather(checksum.to(acc.device)).tolist()
+        checksums = acc.gather(parameter_checksum(acc, self.stage.models["model"])).tolist()
         summary = {
             "steps": self.step,
             "total_steps": self.total_steps,
@@ -460,15 +446,15 @@ class Trainer:
             "parameter_checksums": checksums,
             "model_dir": str(self.output_dir / "model"),
         }
+        names, params = self._ema_names_and_parameters()
+        ema = self.ema.full_state(names) if self.ema is not None and is_sharded(acc) else None  # gathers
+        model = self.plain_model()
         if self.is_main:
-            params = list(model.parameters())
-            if self.ema is not None:
-                self.ema.store(params)
-                self.ema.copy_to(params)
-            with disk_full_as_error(self.output_dir / "model"):
+            if ema is not None:  # the unsharded copy takes the average
+                model.load_state_dict(ema)
+            averaged = self.ema.applied_to(params) if self.ema is not None and ema is None else contextlib.nullcontext()
+            with averaged, disk_full_as_error(self.output_dir / "model"):
                 self.stage.save_model(model, self.output_dir / "model")
-            if self.ema is not None:
-                self.ema.restore(params)
             dump_config(self.full_config, self.output_dir / "model" / "train_config.yaml")
             write_text(self.output_dir / "train_summary.json", json.dumps(summary, indent=2))
             acc.print(f"wrote {self.output_dir / 'model'} ({self.step} steps in {seconds:.0f} s)")

@@ -117,13 +117,14 @@ class TokenizerStage(TrainingStage):
         loss, logs = self.loss_fn.generator_loss(images, out.sample, out.loss, step, last_layer)
         grad_norm = trainer.optimizer_step("model", loss)
         if self.loss_fn.gan_active(step):
-            self.optimizers["discriminator"].zero_grad(set_to_none=True)  # the generator pass left gradients there
+            # The generator pass left no gradient here (loss_fn freezes the discriminator for it), so under
+            # gradient accumulation the discriminator's gradients sum its own loss over the micro-batches.
             d_loss, d_logs = self.loss_fn.discriminator_loss(images, out.sample, step, self.models["discriminator"])
             trainer.optimizer_step("discriminator", d_loss)
             logs.update(d_logs)
         self.usage.update(out.indices)
-        if "skipped" in batch:
-            self.skipped += float(batch["skipped"].sum())
+        if "skipped" in batch:  # stays on the host (loop.HOST_KEYS): no device read
+            self.skipped += int(batch["skipped"].sum())
         logs.update(loss=loss.detach(), codebook_loss=out.codebook_loss.detach(),
                     commitment_loss=out.commitment_loss.detach())
         if grad_norm is not None:
@@ -150,12 +151,11 @@ class TokenizerStage(TrainingStage):
         return figures
 
     @torch.no_grad()
-    def write_samples(self, step: int, folder: Path) -> None:
+    def write_samples(self, step: int, folder: Path, model: torch.nn.Module) -> None:
         if self.last_usage is not None:
             save_usage_histogram(self.last_usage, self.trainer.output_dir / "usage" / f"step-{step}.png", step)
         if self.sample_images is None:
             return
-        model = self.trainer.accelerator.unwrap_model(self.models["model"])
         was_training = model.training
         model.eval()
         images = self.sample_images.to(self.trainer.accelerator.device)

@@ -34,7 +34,8 @@ def clear_margin_latents(quantizer, shape=(2, 16, 4, 4)) -> torch.Tensor:
     first = quantizer.levels[0] if hasattr(quantizer, "levels") else getattr(quantizer, "quantizer", quantizer)
     with torch.no_grad():
         codebook = first.search_codebook().detach()
-    picks = torch.randint(0, len(codebook), (shape[0] * shape[2] * shape[3],), generator=torch.Generator().manual_seed(1))
+    count = shape[0] * shape[2] * shape[3]
+    picks = torch.randint(0, len(codebook), (count,), generator=torch.Generator().manual_seed(1))
     z = codebook[picks] + 0.01 * codebook.std() * torch.randn(len(picks), shape[1])
     return z.reshape(shape[0], shape[2], shape[3], shape[1]).permute(0, 3, 1, 2).contiguous()
 
