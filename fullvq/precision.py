@@ -45,7 +45,7 @@ def ieee_float32(convolutions: bool = False) -> Iterator[None]:
             setting.fp32_precision = "ieee"
         yield
     finally:
-        for setting, value in zip(settings, saved):
+        for setting, value in zip(settings, saved, strict=True):
             setting.fp32_precision = value
 
 

@@ -97,7 +97,7 @@ def test_chunked_loss_equals_the_full_logits_loss_and_its_gradients():
     full_grads = torch.autograd.grad(full, [hidden, weight])
     loss, accuracy = chunked_cross_entropy(hidden, weight, labels, chunk_rows=7)
     torch.testing.assert_close(loss, full)
-    for got, expected in zip(torch.autograd.grad(loss, [hidden, weight]), full_grads):
+    for got, expected in zip(torch.autograd.grad(loss, [hidden, weight]), full_grads, strict=True):
         torch.testing.assert_close(got, expected)
     kept = labels != -100
     assert accuracy == ((logits.argmax(-1) == labels) & kept).sum() / kept.sum()

@@ -41,8 +41,8 @@ class ExponentialMovingAverage:
         """Move the average towards ``parameters``; frozen ones are copied."""
         self.optimization_step += 1
         weight = 1.0 - self.current_decay()
-        trained = [(s, p.detach()) for s, p in zip(self.shadow, parameters) if p.requires_grad]
-        frozen = [(s, p.detach()) for s, p in zip(self.shadow, parameters) if not p.requires_grad]
+        trained = [(s, p.detach()) for s, p in zip(self.shadow, parameters, strict=True) if p.requires_grad]
+        frozen = [(s, p.detach()) for s, p in zip(self.shadow, parameters, strict=True) if not p.requires_grad]
         if trained:
             torch._foreach_lerp_([s for s, _ in trained], [p for _, p in trained], weight)
         for s, p in frozen:
@@ -65,7 +65,7 @@ class ExponentialMovingAverage:
     def full_state(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
         """``{name: full average}`` on the CPU. Under FSDP every process must call it (it gathers)."""
         return {name: (t.full_tensor() if _is_sharded(t) else t).detach().cpu().contiguous()
-                for name, t in zip(names, self.shadow)}
+                for name, t in zip(names, self.shadow, strict=True)}
 
     @torch.no_grad()
     def load_full_state(self, state: dict[str, torch.Tensor], names: Sequence[str]) -> None:
@@ -73,7 +73,7 @@ class ExponentialMovingAverage:
         missing = [name for name in names if name not in state]
         if missing:
             raise KeyError(f"the EMA file lacks {missing[:5]}: it belongs to another model")
-        for name, target in zip(names, self.shadow):
+        for name, target in zip(names, self.shadow, strict=True):
             full = state[name].to(target.device, target.dtype)
             if _is_sharded(target):
                 from torch.distributed.tensor import distribute_tensor

@@ -475,7 +475,8 @@ class TokenizerLoss(nn.Module):
         }
         return total, {name: value.detach() for name, value in logs.items()}
 
-    def _adaptive_factor(self, nll: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor, step: int) -> torch.Tensor:
+    def _adaptive_factor(self, nll: torch.Tensor, gan: torch.Tensor, last_layer: torch.Tensor,
+                         step: int) -> torch.Tensor:
         """Taming's adaptive weight, recomputed every ``adaptive_gan_weight_every`` steps (reused between)."""
         last = self._adaptive_weight
         if last is None or step < last[0] or step - last[0] >= self.adaptive_gan_weight_every:
