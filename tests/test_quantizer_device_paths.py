@@ -131,3 +131,18 @@ def test_usage_counts_on_the_cpu_still_refuse_indices_outside_the_codebook():
     assert usage.counts.tolist() == [1, 0, 0, 2, 0, 0, 0, 1]
     with pytest.raises(ValueError, match=r"\[0, 8\)"):
         usage.update(torch.tensor([8]))
+
+
+def test_slot_revival_reads_idle_counts_back_only_when_a_slot_could_be_due(monkeypatch):
+    quantizer = build_quantizer("fvq", codebook_size=64, codebook_dim=8, group_size=4, revive_after=5)
+    reads = []
+    tolist = torch.Tensor.tolist
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: reads.append(1) or tolist(self))
+    revived_at = []
+    for step in range(1, 31):
+        busy = torch.tensor([1, 1, 1, 0]) if step <= 12 else torch.tensor([1, 1, 1, 1])  # slot 3 idle for 12 steps
+        quantizer._step_counts = busy
+        if quantizer.revive_dead_slots():
+            revived_at.append(step)
+    assert revived_at == [5, 10]  # idle for 5 steps in a row, twice, exactly as a read every step would find
+    assert len(reads) <= 8  # of 30 steps: only when some slot's idle run could have reached 5

@@ -251,6 +251,9 @@ class FVQQuantizer(CodebookQuantizer):
         # Optimiser steps in a row in which no token selected each slot; not saved with the weights.
         self.register_buffer("slot_idle_steps", torch.zeros(group_size, dtype=torch.long), persistent=False)
         self._step_counts: torch.Tensor | None = None  # slot counts of the training searches since the last step
+        # Host bounds on the idle counts, so that most steps read nothing back from the GPU: the longest
+        # idle run at the last read, and the steps since (each adds at most 1 to any slot's count).
+        self._idle_at_read, self._steps_since_read = 0, 0
 
     def code_slots(self, indices: torch.Tensor) -> torch.Tensor:
         """The code slot (0 .. G-1: which rows of the recover layer made it) of each code index."""
@@ -293,8 +296,14 @@ class FVQQuantizer(CodebookQuantizer):
         counts = sum_over_processes(self._step_counts)
         self._step_counts = None
         self.slot_idle_steps = torch.where(counts > 0, 0, self.slot_idle_steps + 1)
-        dead = (self.slot_idle_steps >= self.revive_after).nonzero().flatten().tolist()
-        if not dead:  # the usual step: one small read of the idle flags, nothing else
+        self._steps_since_read += 1
+        if self._idle_at_read + self._steps_since_read < self.revive_after:
+            return 0  # no slot can have been idle long enough yet: nothing to read (no GPU sync)
+        idle = self.slot_idle_steps.tolist()  # one small read, at most every few steps
+        dead = [slot for slot, steps in enumerate(idle) if steps >= self.revive_after]
+        self._idle_at_read = max([steps for steps in idle if steps < self.revive_after], default=0)
+        self._steps_since_read = 0
+        if not dead:
             return 0
         busiest = counts.argsort(descending=True)[: max(1, int((counts > 0).sum()))].tolist()
         rows = self.bridge.recover.weight.view(self.group_size, self.codebook_dim, -1)
