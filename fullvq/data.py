@@ -65,14 +65,19 @@ def check_resolution(resolution: Any) -> int:
     return int(resolution)
 
 
-def _to_model_range() -> list:
-    # uint8 [0, 255] -> float32 [0, 1] -> [-1, 1]
+def _to_model_range(uint8: bool = False) -> list:
+    # uint8 [0, 255] -> float32 [0, 1] -> [-1, 1]; with uint8, the last two steps happen on the device
+    # (fullvq.images.from_uint8): a quarter of the bytes through workers' shared memory.
+    if uint8:
+        return [v2.ToImage(), v2.ToPureTensor()]
     return [v2.ToImage(), v2.ToDtype(torch.float32, scale=True), v2.Normalize([0.5] * 3, [0.5] * 3)]
 
 
-def train_transform(resolution: int, *, horizontal_flip: bool = True) -> Callable[[Image.Image], torch.Tensor]:
+def train_transform(resolution: int, *, horizontal_flip: bool = True,
+                    uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
     """Paper augmentation: short side resized to a random size in [R, 1.25 R], random R x R crop,
-    random horizontal flip. Takes an RGB PIL image, returns float32 (3, R, R) in [-1, 1]."""
+    random horizontal flip. Takes an RGB PIL image, returns float32 (3, R, R) in [-1, 1] (``uint8``:
+    the uint8 pixels, for ``fullvq.images.from_uint8`` on the device)."""
     resolution = check_resolution(resolution)
     largest = int(round(MAX_RESIZE_RATIO * resolution))
     steps = [
@@ -82,17 +87,18 @@ def train_transform(resolution: int, *, horizontal_flip: bool = True) -> Callabl
     ]
     if horizontal_flip:
         steps.append(v2.RandomHorizontalFlip())
-    return v2.Compose(steps + _to_model_range())
+    return v2.Compose(steps + _to_model_range(uint8))
 
 
-def eval_transform(resolution: int) -> Callable[[Image.Image], torch.Tensor]:
-    """Deterministic evaluation view: short side resized to R, centre R x R crop, in [-1, 1]."""
+def eval_transform(resolution: int, *, uint8: bool = False) -> Callable[[Image.Image], torch.Tensor]:
+    """Deterministic evaluation view: short side resized to R, centre R x R crop, in [-1, 1] (``uint8``:
+    the uint8 pixels)."""
     resolution = check_resolution(resolution)
     return v2.Compose(
         [
             v2.Resize(resolution, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
             v2.CenterCrop(resolution),
-            *_to_model_range(),
+            *_to_model_range(uint8),
         ]
     )
 
@@ -349,10 +355,12 @@ class DemoDataset(_ImageSource, Dataset):
     not a digit.
     """
 
-    def __init__(self, resolution: int, *, train: bool = True, transform: Callable | None = None):
+    def __init__(self, resolution: int, *, train: bool = True, transform: Callable | None = None,
+                 uint8: bool = False):
         self.images, self.targets = _mnist_digits()
         if transform is None:
-            transform = train_transform(resolution, horizontal_flip=False) if train else eval_transform(resolution)
+            transform = (train_transform(resolution, horizontal_flip=False, uint8=uint8) if train
+                         else eval_transform(resolution, uint8=uint8))
         self.transform = transform
         self.id2label = {digit: str(digit) for digit in range(10)}
         self.name = DEMO_SOURCE
@@ -504,6 +512,7 @@ def build_dataset(
     label_column: str | None = None,
     cache_dir: str | os.PathLike | None = None,
     transform: Callable[[Image.Image], Any] | None = None,
+    uint8: bool = False,
 ) -> ImageDataset | StreamingImageDataset | DemoDataset:
     """Images from ``source`` as ``{"pixel_values": (3, R, R) float32 in [-1, 1], "label": int}``.
 
@@ -520,6 +529,9 @@ def build_dataset(
         cache_dir: ``datasets`` cache folder (default: its own).
         transform: RGB PIL image -> model input, instead of the train / eval transform (e.g. several
             augmented views of each image, as ``fullvq cache-tokens`` encodes them).
+        uint8: ``pixel_values`` as uint8 (3, R, R) [0, 255], to be mapped to [-1, 1] on the device
+            (``fullvq.images.from_uint8``): a quarter of the bytes through DataLoader
+            workers' shared memory and the host-to-device copy.
 
     Returns:
         A dataset with ``id2label`` (class id -> name), ``num_classes`` and ``num_skipped``.
@@ -529,7 +541,7 @@ def build_dataset(
     if source == DEMO_SOURCE:
         if streaming:
             raise ValueError("the demo set is in memory; pass streaming=False with source='demo'")
-        return DemoDataset(resolution, train=train, transform=transform)
+        return DemoDataset(resolution, train=train, transform=transform, uint8=uint8)
 
     import datasets
 
@@ -553,7 +565,7 @@ def build_dataset(
             f"per class (at least two), name a label column with label_column=..., or train unconditionally"
         )
     if transform is None:
-        transform = train_transform(resolution) if train else eval_transform(resolution)
+        transform = train_transform(resolution, uint8=uint8) if train else eval_transform(resolution, uint8=uint8)
     wrapper = StreamingImageDataset if streaming else ImageDataset
     return wrapper(table, image_column=image_column, label_column=label_column, transform=transform,
                    id2label=id2label, name=source, decode_side=math.ceil(MAX_RESIZE_RATIO * resolution))

@@ -9,15 +9,37 @@ from __future__ import annotations
 
 import torch
 
+# Collective timeout of the long jobs (cache-tokens, gFID): a rank that finished its share waits in a
+# barrier for the others, longer than NCCL's default 10 minutes when shards take long.
+LONG_JOB_TIMEOUT_HOURS = 6
+
 
 def process_state():
     """accelerate's ``PartialState``. ``accelerate launch`` on CPU sets ``ACCELERATE_USE_CPU``, which only
     ``AcceleratorState`` reads by itself, so it is passed on here: ``--multi_gpu`` then runs real
-    ranks on CPU (gloo)."""
+    ranks on CPU (gloo). The process group it starts waits ``LONG_JOB_TIMEOUT_HOURS`` in a collective."""
+    from datetime import timedelta
+
     from accelerate import PartialState
     from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"))
+    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(hours=LONG_JOB_TIMEOUT_HOURS))
+
+
+def loader_options(num_workers: int | None, device: torch.device | str) -> dict:
+    """DataLoader settings for images read onto ``device``: ``num_workers`` decoding processes (``None``:
+    8 for a GPU, which would otherwise wait on the decoding, 0 on the CPU, where the main process
+    decodes) and, for a GPU, page-locked batches so the copies run asynchronously."""
+    on_gpu = torch.device(device).type == "cuda"
+    workers = (8 if on_gpu else 0) if num_workers is None else num_workers
+    return {"num_workers": workers, "pin_memory": on_gpu}
+
+
+def my_share(items: list, process_index: int, num_processes: int) -> list:
+    """This process's share of ``items`` (every ``num_processes``-th, from ``process_index``). Filter what
+    is finished before splitting, so a resumed job stays balanced: a rank with nothing left would
+    otherwise wait for the others in a barrier."""
+    return items[process_index::num_processes]
 
 
 def gather_in_order(indices: list[int], tensors: list[torch.Tensor | None], total: int,
@@ -53,4 +75,5 @@ def sum_over_processes(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-__all__ = ["process_state", "gather_in_order", "sum_over_processes"]
+__all__ = ["LONG_JOB_TIMEOUT_HOURS", "loader_options", "my_share", "process_state", "gather_in_order",
+           "sum_over_processes"]

@@ -31,8 +31,10 @@ def to_uint8(images: torch.Tensor) -> torch.Tensor:
 
 
 def from_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images in [0, 255] -> float in [-1, 1]."""
-    return images.float() / 127.5 - 1
+    """uint8 images in [0, 255] -> float32 in [-1, 1], with exactly the arithmetic of fullvq.data's float
+    transforms (``ToDtype(scale=True)``, then ``Normalize(0.5, 0.5)``): a uint8 data path normalised on
+    the device gives bit for bit the inputs of the float one."""
+    return images.float().mul_(1.0 / 255).sub_(0.5).div_(0.5)
 
 
 def save_image_grid(rows: list[torch.Tensor], path: str | os.PathLike) -> Path:

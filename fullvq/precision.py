@@ -77,4 +77,12 @@ def allow_tf32(enabled: bool = True) -> None:
         backends.cudnn.allow_tf32 = enabled
 
 
-__all__ = ["allow_tf32", "ieee_float32"]
+def inference_dtype(device: torch.device | str, dtype: torch.dtype | None = None) -> torch.dtype:
+    """The dtype to load a pipeline in for sampling: ``dtype`` when given, else bfloat16 on CUDA (the
+    samplers keep logits, guidance and latents in float32 themselves) and float32 elsewhere."""
+    if dtype is not None:
+        return dtype
+    return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+
+
+__all__ = ["allow_tf32", "ieee_float32", "inference_dtype"]

@@ -36,7 +36,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--label-column", default=None)
     parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch, per process")
     parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard folder")
-    parser.add_argument("--num-workers", type=int, default=2, help="DataLoader workers decoding images")
+    parser.add_argument("--num-workers", type=int, default=None,
+                        help="DataLoader workers decoding images (default: 8 with a GPU, 0 without)")
     add_renamed(parser, "--max-images", "--limit", type=int, default=None, help="cache only the first N images")
     parser.add_argument("--latents", action="store_true",
                         help="also store the codebook, so a DiT / flow head can train on the quantized latents")

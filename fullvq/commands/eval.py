@@ -79,6 +79,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--kid-subsets", type=int, default=100)
     gfid.add_argument("--prc-neighborhood", type=int, default=3, help="k of precision/recall's k-NN (default: 3)")
     gfid.add_argument("--isc-splits", type=int, default=10)
+    gfid.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                      help="the pipeline's weights (default: bfloat16 on a GPU, float32 on the CPU)")
 
     stats = commands.add_parser("reference-stats", help="write Inception statistics (+ features) of a reference set")
     add_renamed(stats, "--data", "--reference", required=True, help="image folder, build_dataset source, or ADM .npz")
@@ -98,7 +100,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     for sub in (rfid, gfid, stats):
         sub.add_argument("--inception-weights", default=None, help=_WEIGHTS_HELP)
         sub.add_argument("--inception-batch-size", type=int, default=50)
-        sub.add_argument("--num-workers", type=int, default=0, help="DataLoader workers (default: 0)")
+        sub.add_argument("--num-workers", type=int, default=None,
+                         help="DataLoader workers decoding images (default: 8 with a GPU, 0 without)")
     return parser
 
 
@@ -118,6 +121,8 @@ def _print_report(report: dict) -> None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
+    import torch
+
     from ..distributed import process_state
 
     if args.command == "convert-inception":
@@ -158,7 +163,7 @@ def _evaluate(args: argparse.Namespace) -> int:
             inception_weights=args.inception_weights, inception_batch_size=args.inception_batch_size,
             cache_dir=args.cache_dir, use_cache=not args.no_cache, kid_subset_size=args.kid_subset_size,
             kid_subsets=args.kid_subsets, prc_neighborhood=args.prc_neighborhood, isc_splits=args.isc_splits,
-            num_workers=args.num_workers,
+            num_workers=args.num_workers, dtype=getattr(torch, args.dtype) if args.dtype else None,
         )
     if process_state().is_main_process:
         print(f"{args.command}: {report['num_images']} images, complete={report['complete']}")

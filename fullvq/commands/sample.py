@@ -55,7 +55,8 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--batch-size", type=int, default=32, help="images sampled at once (memory bound)")
     parser.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
-    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default="float32")
+    parser.add_argument("--dtype", choices=("float32", "bfloat16", "float16"), default=None,
+                        help="weights' dtype (default: bfloat16 on a GPU, float32 on the CPU)")
     add_renamed(parser, "--output", "--out", type=Path, required=True, help="output folder")
     return parser
 
@@ -69,7 +70,7 @@ def _sample(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     paths = sample_to_folder(args.pipeline, parse_labels(args.labels), args.output,
                              num_images_per_label=args.images_per_class, seed=args.seed, batch_size=args.batch_size,
-                             device=device, dtype=getattr(torch, args.dtype), **options)
+                             device=device, dtype=getattr(torch, args.dtype) if args.dtype else None, **options)
     print(f"wrote {len(paths)} images ({{class id}}_{{i}}.png) and grid.png to {args.output}")
     return 0
 

@@ -185,7 +185,7 @@ def load_reference(
     cache_dir: str | os.PathLike | None = None,
     use_cache: bool = True,
     batch_size: int = 50,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> ReferenceStatistics:
     """Inception statistics of a reference set, computed once and cached.
 
@@ -230,7 +230,7 @@ def load_reference(
 
 def _cached_statistics(images: _Source, extractor: InceptionExtractor, *, resolution: int | None, split: str,
                        limit: int | None, cache_dir, use_cache: bool, batch_size: int,
-                       num_workers: int) -> ReferenceStatistics:
+                       num_workers: int | None) -> ReferenceStatistics:
     """The statistics of ``images`` from the cache, or computed (on every process) and cached."""
     from accelerate.utils import broadcast_object_list
 

@@ -21,7 +21,8 @@ from torch.utils.data import DataLoader
 
 from ..config import ConfigError
 from ..data import ReadableSubset, build_dataset, check_resolution, eval_transform
-from ..distributed import process_state
+from ..distributed import loader_options, my_share, process_state
+from ..images import from_uint8
 from ..io import atomic_file, atomic_folder, hold_folder, local_folder_or_hub_id, write_text
 from ..tokenizer import FVQModel
 from .token_cache import (
@@ -49,9 +50,10 @@ _RESUME_KEYS = ("tokenizer_sha256", "codebook_size", "grid", "resolution", "augm
                 "shard_size", "num_source_images")
 
 
-def augmentation_views(resolution: int, augmentation: str = "flip"):
-    """A transform: RGB PIL image -> (num_augmentations, 3, R, R) float32 in [-1, 1], views in the
-    order of ``AUGMENTATIONS[augmentation]``."""
+def augmentation_views(resolution: int, augmentation: str = "flip", uint8: bool = False):
+    """A transform: RGB PIL image -> (num_augmentations, 3, R, R) float32 in [-1, 1] (``uint8``: the
+    uint8 pixels, for ``fullvq.images.from_uint8`` on the device), views in the order of
+    ``AUGMENTATIONS[augmentation]``."""
     from torchvision.transforms import v2
 
 
@@ -59,7 +61,7 @@ def augmentation_views(resolution: int, augmentation: str = "flip"):
     if augmentation not in AUGMENTATIONS:
         raise ValueError(f"augmentation={augmentation!r} is not one of {list(AUGMENTATIONS)}")
     if augmentation != "ten-crop":
-        centre = eval_transform(resolution)
+        centre = eval_transform(resolution, uint8=uint8)
 
         def views(image):
             view = centre(image)
@@ -70,7 +72,7 @@ def augmentation_views(resolution: int, augmentation: str = "flip"):
     crop_size = int(round(resolution * TEN_CROP_RANGE))
     enlarge = v2.Compose([v2.Resize(crop_size, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
                           v2.CenterCrop(crop_size)])
-    to_model = eval_transform(resolution)  # on an R x R crop: resize and centre crop are no-ops
+    to_model = eval_transform(resolution, uint8=uint8)  # on an R x R crop: resize and centre crop are no-ops
     ten_crop = v2.TenCrop(resolution)
 
     def views(image):
@@ -100,7 +102,7 @@ def cache_tokens(
     label_column: str | None = None,
     batch_size: int = 64,
     shard_size: int = 10_000,
-    num_workers: int = 2,
+    num_workers: int | None = None,
     limit: int | None = None,
     latents: bool = False,
 ) -> dict:
@@ -114,8 +116,10 @@ def cache_tokens(
         resolution: image side R (default: the tokenizer's ``sample_size``, which is what a pipeline
             built on the tokens expects); the token grid is ``tokenizer.latent_grid(R, R)``.
         augmentation: ``"none"``, ``"flip"`` (centre crop + mirror) or ``"ten-crop"``.
-        batch_size: images per encoder batch (each with all its views).
+        batch_size: images per batch (each with all its views); the encoder takes the views in chunks
+            of at most ``ENCODE_CHUNK`` images.
         shard_size: images per shard folder.
+        num_workers: DataLoader workers decoding images (default: 8 on a GPU, 0 on the CPU).
         limit: encode only the first ``limit`` source images (quick trials).
         latents: also store the tokenizer's codebook, so the cache serves a DiT / flow head (its
             latents are ``codebook[tokens]``); may be added to a finished cache by re-running.
@@ -142,21 +146,25 @@ def cache_tokens(
             raise ConfigError(f"resolution={resolution} is not divisible by the tokenizer's downsample factor "
                               f"{factor}; use a multiple of {factor}")
         with state.main_process_first():  # one process fills the `datasets` cache, the others then read it
+            views = augmentation_views(resolution, augmentation, uint8=True)  # uint8 through the workers
             dataset = build_dataset(source, resolution=resolution, train=False, split=split, image_column=image_column,
-                                    label_column=label_column, transform=augmentation_views(resolution, augmentation))
+                                    label_column=label_column, transform=views)
         total = len(dataset) if limit is None else min(limit, len(dataset))
         info = _describe(model, tokenizer_dir, dataset, source=source, split=split, resolution=resolution,
                          augmentation=augmentation, shard_size=shard_size, total=total)
         # Every process checks an existing cache itself, so a refusal stops all of them alike.
         _check_resumable(output_dir, info)
+        names = [f"shard-{n:05d}" for n in range(max(1, -(-total // shard_size)))]
+        # The unfinished shards, read before any process writes one, then split: a resumed run stays balanced.
+        unfinished = [n for n in range(len(names)) if read_shard_done(output_dir / names[n]) is None]
         state.wait_for_everyone()
         if state.is_main_process:
             output_dir.mkdir(parents=True, exist_ok=True)
             write_text(output_dir / CACHE_FILE, json.dumps(info, indent=2))
         state.wait_for_everyone()
 
-        names = [f"shard-{n:05d}" for n in range(max(1, -(-total // shard_size)))]
-        _encode_shards(model, dataset, output_dir, names, info, batch_size=batch_size, num_workers=num_workers)
+        mine = my_share(unfinished, state.process_index, state.num_processes)
+        _encode_shards(model, dataset, output_dir, names, mine, info, batch_size=batch_size, num_workers=num_workers)
         state.wait_for_everyone()
         if state.is_main_process:
             _finish(model, output_dir, names, info, latents)
@@ -209,30 +217,27 @@ def _check_resumable(output_dir: Path, info: dict) -> None:
                           "--output folder, or delete it to start afresh")
 
 
-def _encode_shards(model, dataset, output_dir: Path, names: list[str], info: dict, *, batch_size: int,
-                   num_workers: int) -> None:
-    """This process's unfinished shards (``r, r + W, ...``), each encoded and written whole."""
+def _encode_shards(model, dataset, output_dir: Path, names: list[str], mine: list[int], info: dict, *,
+                   batch_size: int, num_workers: int | None) -> None:
+    """Shards ``mine`` (this process's share of the unfinished ones), each encoded and written whole."""
     from tqdm.auto import tqdm
 
     state = process_state()
     total, shard_size, dtype = info["num_source_images"], info["shard_size"], info["dtype"]
-    mine = [n for n in range(state.process_index, len(names), state.num_processes)
-            if read_shard_done(output_dir / names[n]) is None]
     todo = sum(min(total, (n + 1) * shard_size) - n * shard_size for n in mine)
     bar = tqdm(total=todo, unit="img", disable=not state.is_local_main_process,
                desc=f"caching tokens ({state.num_processes} process{'es' if state.num_processes > 1 else ''})")
     for n in mine:
         indices = list(range(n * shard_size, min(total, (n + 1) * shard_size)))
-        loader = DataLoader(ReadableSubset(dataset, indices), batch_size=batch_size, num_workers=num_workers,
-                            collate_fn=_collate)
+        loader = DataLoader(ReadableSubset(dataset, indices), batch_size=batch_size, collate_fn=_collate,
+                            **loader_options(num_workers, state.device))
         tokens, labels, kept = [], [], []
         for batch in loader:
             if batch is None:
                 continue
             views, batch_labels, batch_indices = batch
             b, a = views.shape[:2]
-            with torch.no_grad():
-                codes = model.encode_indices(views.flatten(0, 1).to(state.device))
+            codes = _encode(model, views.flatten(0, 1), state.device)
             if codes.ndim != 3:
                 raise ValueError(f"the tokenizer returns indices of shape {tuple(codes.shape)}, not one (h, w) grid "
                                  "per image; cache-tokens supports single-codebook quantizers")
@@ -245,6 +250,23 @@ def _encode_shards(model, dataset, output_dir: Path, names: list[str], info: dic
         array = np.concatenate(tokens) if tokens else None
         _write_shard(output_dir / names[n], array, labels, kept, dtype, skipped, state.process_index)
     bar.close()
+
+
+# Images per encoder call: ten-crop at batch 64 is 640 images, whose 128-channel full-resolution
+# activations alone would take ~60 GB in float32.
+ENCODE_CHUNK = 128
+
+
+@torch.no_grad()
+def _encode(model, views: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Code indices of uint8 ``views`` (N, 3, R, R), in chunks of ``ENCODE_CHUNK``; on a GPU the encoder
+    runs under bf16 autocast (the nearest-code search stays float32 whatever autocast says)."""
+    chunks = []
+    for start in range(0, len(views), ENCODE_CHUNK):
+        images = from_uint8(views[start : start + ENCODE_CHUNK].to(device, non_blocking=True))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+            chunks.append(model.encode_indices(images))
+    return torch.cat(chunks)
 
 
 def _write_shard(folder: Path, tokens: np.ndarray | None, labels: list[int], indices: list[int], dtype: str,

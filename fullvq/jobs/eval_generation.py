@@ -23,7 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from ..cards import add_report_to_card
-from ..distributed import process_state
+from ..distributed import my_share, process_state
 from ..eval.features import InceptionExtractor, extract_features
 from ..eval.image_sets import ImageFiles
 from ..eval.reference import ReferenceStatistics, load_reference, reference_kind
@@ -32,6 +32,7 @@ from ..eval.scores import check_set_sizes, generation_metrics, warn_if_other_wei
 from ..images import from_uint8, save_image_grid, save_png
 from ..io import local_folder_or_hub_id, write_text
 from ..pipelines import load_pipeline
+from ..precision import inference_dtype
 
 REPORT_NAME = "report.json"
 SAMPLES_DIR = "samples"
@@ -79,7 +80,8 @@ def generate_samples(
     snap_to_codebook: bool | None = None,
 ) -> tuple[list[Path], int]:
     """Write the class-balanced sample set (resumable); returns every planned path and how many
-    were already there. Every process writes the batches ``b`` with ``b % num_processes == rank``.
+    were already there. Every process writes its share of the unfinished batches (each seeded by its
+number, so which process draws it does not matter).
     Sampling settings left None take the pipeline's defaults (``pipeline.sampling_options``);
     settings of the other kind of pipeline are refused."""
     state = process_state()
@@ -93,8 +95,11 @@ def generate_samples(
     paths = [sample_path(folder, class_id, index) for class_id, index in plan]
     existing = sum(path.is_file() for path in paths)
     batches = [list(range(start, min(start + batch_size, len(plan)))) for start in range(0, len(plan), batch_size)]
-    mine = [b for b in range(len(batches)) if b % state.num_processes == state.process_index]
-    todo = [b for b in mine if not all(paths[i].is_file() for i in batches[b])]
+    # The unfinished batches, read by every process before any writes, then split: a resumed run stays
+    # balanced (a rank with nothing left would wait for the others in the barrier below).
+    unfinished = [b for b in range(len(batches)) if not all(paths[i].is_file() for i in batches[b])]
+    state.wait_for_everyone()
+    todo = my_share(unfinished, state.process_index, state.num_processes)
     bar = tqdm(total=len(todo), desc="generate", unit="batch", disable=not state.is_main_process)
     for b in todo:
         members = batches[b]
@@ -154,7 +159,8 @@ def evaluate_generation(
     kid_subsets: int = 100,
     prc_neighborhood: int = 3,
     isc_splits: int = 10,
-    num_workers: int = 0,
+    num_workers: int | None = None,
+    dtype: torch.dtype | None = None,
 ) -> dict:
     """Generate a class-balanced set, then write the gFID report.
 
@@ -171,6 +177,8 @@ def evaluate_generation(
             (datasets are centre-cropped to ``reference_resolution``, default the pipeline's size).
         inception_weights, cache_dir, use_cache: Inception weights file and the statistics cache.
         kid_subset_size, kid_subsets, prc_neighborhood, isc_splits: metric settings (torch-fidelity's).
+        num_workers: decoding workers for the reference and the samples (default: 8 on a GPU, 0 on the CPU).
+        dtype: a pipeline folder's weights (default: bfloat16 on a GPU, float32 on the CPU).
 
     Returns:
         The report; ``"complete"`` is True only when every planned sample exists and was evaluated.
@@ -188,7 +196,7 @@ def evaluate_generation(
         if isinstance(pipeline, (str, os.PathLike)):
             pipeline = local_folder_or_hub_id(pipeline, "pipeline")
         extractor = InceptionExtractor(inception_weights, state.device)
-        pipeline, classes = _load_pipeline(pipeline, classes, state.device)
+        pipeline, classes = _load_pipeline(pipeline, classes, state.device, dtype)
         total = len(classes) * images_per_class
         check_set_sizes(total, None, kid_subset_size=kid_subset_size, prc_neighborhood=prc_neighborhood)
         if extractor.has_logits and total < isc_splits:
@@ -239,11 +247,11 @@ def evaluate_generation(
         return report
 
 
-def _load_pipeline(pipeline, classes: list[int] | None, device) -> tuple:
-    """The pipeline (loaded from its folder when given one) on ``device``, and the checked class ids
-    (default: all of them)."""
+def _load_pipeline(pipeline, classes: list[int] | None, device, dtype: torch.dtype | None = None) -> tuple:
+    """The pipeline (loaded from its folder when given one, in ``inference_dtype``) on ``device``, and the
+    checked class ids (default: all of them)."""
     if isinstance(pipeline, (str, os.PathLike)):
-        pipeline = load_pipeline(pipeline)
+        pipeline = load_pipeline(pipeline, dtype=inference_dtype(device, dtype))
     pipeline = pipeline.to(device)
     num_classes = int(pipeline.num_classes)
     classes = list(range(num_classes)) if classes is None else [int(c) for c in classes]
@@ -255,7 +263,7 @@ def _load_pipeline(pipeline, classes: list[int] | None, device) -> tuple:
 
 def _reference_for(reference, extractor: InceptionExtractor, total: int, metric_settings: dict, *,
                    resolution: int | None, sample_size: int, split: str, limit: int | None, cache_dir,
-                   use_cache: bool, batch_size: int, num_workers: int) -> ReferenceStatistics:
+                   use_cache: bool, batch_size: int, num_workers: int | None) -> ReferenceStatistics:
     """The reference statistics, first: their errors (and their cost, once) come before hours of
     sampling. Datasets are centre-cropped to ``resolution``, by default the samples' ``sample_size``;
     folders and .npz are taken as they are unless a resolution is given."""
@@ -272,7 +280,7 @@ def _reference_for(reference, extractor: InceptionExtractor, total: int, metric_
 def save_reference_statistics(reference, output: str | os.PathLike, *, resolution: int | None = None,
                               split: str = "train", limit: int | None = None,
                               inception_weights: str | os.PathLike | None = None, batch_size: int = 50,
-                              num_workers: int = 0) -> ReferenceStatistics:
+                              num_workers: int | None = None) -> ReferenceStatistics:
     """Inception statistics (and features) of a reference set, written as a ``.npz`` to ``output``
     (``fullvq eval reference-stats``: use the file as gfid's reference). Returns them on every process."""
     extractor = InceptionExtractor(inception_weights)

@@ -22,7 +22,7 @@ from tqdm.auto import tqdm
 
 from ..cards import add_report_to_card
 from ..data import ReadableSubset, build_dataset
-from ..distributed import gather_in_order, process_state
+from ..distributed import gather_in_order, loader_options, process_state
 from ..eval.features import InceptionExtractor
 from ..eval.pixel import psnr, ssim
 from ..eval.reference import ReferenceStatistics
@@ -62,7 +62,7 @@ def evaluate_reconstruction(
     lpips: bool | torch.nn.Module = True,
     lpips_weights: str | os.PathLike | None = None,
     num_grid: int = 8,
-    num_workers: int = 0,
+    num_workers: int | None = None,
 ) -> dict:
     """Reconstruct an evaluation set and write the report, the grid and the histogram.
 
@@ -128,15 +128,16 @@ def evaluate_reconstruction(
 
 
 def _reconstruct(tokenizer, dataset, total: int, extractor: InceptionExtractor, perceptual, *, batch_size: int,
-                 inception_batch_size: int, num_workers: int) -> tuple[dict[str, torch.Tensor | None], CodebookUsage]:
+                 inception_batch_size: int, num_workers: int | None
+                 ) -> tuple[dict[str, torch.Tensor | None], CodebookUsage]:
     """This process's share of the first ``total`` images reconstructed and measured; returns the
     per-image figures and Inception features of the readable images (gathered in set order, their
     positions under ``"index"``) and the code counts (summed over processes). An unreadable image is
     left out, never replaced by another (which would count that one twice)."""
     state = process_state()
     mine = list(range(state.process_index, total, state.num_processes))
-    loader = DataLoader(ReadableSubset(dataset, mine), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=_collate_readable)
+    loader = DataLoader(ReadableSubset(dataset, mine), batch_size=batch_size, collate_fn=_collate_readable,
+                        **loader_options(num_workers, state.device))
     usage = CodebookUsage(tokenizer.config.codebook_size, device=state.device)
     per_image = {"index": [], "psnr": [], "ssim": [], "lpips": [], "real": [], "fake": []}
     bar = tqdm(total=len(mine), desc="reconstruct", unit="img", disable=not state.is_main_process)

@@ -15,6 +15,7 @@ import torch
 from ..images import from_unit_range, save_image_grid
 from ..io import atomic_file
 from ..pipelines import load_pipeline
+from ..precision import inference_dtype
 
 
 def sample_to_folder(
@@ -26,18 +27,20 @@ def sample_to_folder(
     seed: int = 0,
     batch_size: int = 32,
     device: str = "cpu",
-    dtype: torch.dtype = torch.float32,
+    dtype: torch.dtype | None = None,
     **options,
 ) -> list[Path]:
     """Sample ``num_images_per_label`` images for each label (ids or class names) from the pipeline
     folder or hub id ``pipeline``; writes ``{class id}_{i}.png`` and ``grid.png`` (a row per label)
-    into ``output`` and returns the image paths. ``options`` are sampling settings
-    (``guidance_scale`` and the pipeline kind's own, see ``sampling_options``); None or absent ones
-    take the pipeline's defaults, those of the other kind of pipeline are refused before sampling."""
+    into ``output`` and returns the image paths. ``options`` are sampling settings (``guidance_scale``
+    and the pipeline kind's own, see ``sampling_options``); None or absent ones take the pipeline's
+    defaults, those of the other kind of pipeline are refused before sampling. ``dtype``: the
+    pipeline's weights (default bfloat16 on CUDA, float32 elsewhere; the samplers keep logits,
+    guidance and latents in float32)."""
     from torchvision.utils import save_image
 
 
-    pipe = load_pipeline(pipeline, dtype=dtype).to(device)
+    pipe = load_pipeline(pipeline, dtype=inference_dtype(device, dtype)).to(device)
     options = pipe.sampling_options(**options)
     ids = pipe.get_label_ids(labels)
     images = pipe(ids, num_images_per_label=num_images_per_label, **options,

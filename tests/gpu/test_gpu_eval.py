@@ -4,7 +4,7 @@ import os
 
 import torch
 
-from fullvq.eval import InceptionExtractor, ReferenceStatistics, frechet_distance
+from fullvq.eval import InceptionExtractor, ReferenceStatistics, frechet_distance, precision_recall
 from fullvq.eval.inception import INCEPTION_WEIGHTS_ENV, random_inception_weights
 
 
@@ -23,3 +23,10 @@ def test_fid_of_a_small_set_on_cuda_is_the_cpu_fid(device, tmp_path):
     on_cpu, on_device = scores[0], scores[-1]
     assert on_cpu > 1  # the sets differ
     assert abs(on_device - on_cpu) <= 1e-3 * on_cpu, scores
+
+
+def test_precision_recall_on_the_device_is_the_cpu_result(device):
+    generator = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 64, generator=generator)
+    fake = torch.randn(300, 64, generator=generator) * 1.2 + 0.3
+    assert precision_recall(fake, real, device=device) == precision_recall(fake, real, device="cpu")

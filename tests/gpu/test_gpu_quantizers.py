@@ -105,3 +105,20 @@ def test_usage_counts_on_cuda_equal_the_cpu_bincount(device):
         on_cpu.update(indices)
     assert torch.equal(on_device.counts.cpu(), on_cpu.counts)
     assert on_device.summary() == on_cpu.summary()
+
+
+def test_fvq_slot_revival_fires_on_cuda_with_fused_adamw(device):
+    # Review device check 2: fused AdamW never bumps the weight's version counter; revival is an
+    # explicit step after the optimiser's, so it fires all the same.
+    torch.manual_seed(0)
+    quantizer = build_quantizer("fvq", codebook_size=256, codebook_dim=16, group_size=16, revive_after=2).to(device)
+    optimizer = torch.optim.AdamW(quantizer.parameters(), lr=1e-3, fused=device.type == "cuda")
+    z = torch.randn(2, 16, 4, 4, device=device)
+    revived = 0
+    for _ in range(6):
+        out = quantizer(z)  # 32 tokens: most of the 16 slots win none
+        out.loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        revived += quantizer.revive_dead_slots()
+    assert revived > 0 and quantizer.slot_revivals == revived
