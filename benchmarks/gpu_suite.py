@@ -192,16 +192,12 @@ def tokenizer_step(device, size, quantizer: str, codebook_size: int, compiled: b
         "loss": {"perceptual_weight": 1.0, "perceptual_random_backbone": True, "gan_weight": 0.5, "gan_start_step": 0},
         "data": {"source": "synthetic", "resolution": resolution},
         "train": {"output_dir": tempfile.mkdtemp(), "batch_size": batch, "max_steps": 100, "tracker": "none",
-                  "mixed_precision": size["precision"], "num_workers": 0},
+                  "mixed_precision": size["precision"], "num_workers": 0, "compile": compiled},
     })
     dataset = _Images(resolution)
     trainer = Trainer(config.train, lambda t: TokenizerStage(t, config, dataset), dataset, full_config=config)
     stage = trainer.stage
-    if compiled:
-        stage.models["model"].compile_blocks()
-        if "discriminator" in stage.models:
-            stage.models["discriminator"].compile()
-    trainer.prepare()
+    trainer.prepare()  # the GPU defaults (TF32, fused AdamW, channels_last, cuDNN autotuning) and train.compile
     images = {"pixel_values": torch.rand(batch, 3, resolution, resolution, device=trainer.accelerator.device) * 2 - 1}
     step = iter(range(1, 10**6))
     reset_memory(device)
@@ -290,12 +286,15 @@ def gpt_training(device, size, name: str, compiled: bool, smoke: bool) -> tuple[
     from accelerate import Accelerator
 
     from fullvq.generator import FullVQGPT
+    from fullvq.precision import allow_tf32
 
     config = gpt_config(size, name, smoke)
     model = FullVQGPT(config)
     params = matmul_parameters(model)
+    if device.type == "cuda":
+        allow_tf32(True)  # as the Trainer sets it on CUDA
     if compiled:
-        model.compile_blocks()
+        model.compile_blocks()  # as train.compile does
     accelerator = Accelerator(mixed_precision=size["precision"], cpu=device.type == "cpu")
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, betas=(0.9, 0.95), fused=device.type == "cuda")
     model, optimizer = accelerator.prepare(model, optimizer)
