@@ -263,6 +263,9 @@ def test_gradients_reach_the_decoder_last_layer_and_the_discriminator(tiny_token
     total, _ = loss.generator_loss(images, out.sample, out.loss, step=0)
     total.backward()
     assert model.decoder.conv_out.weight.grad.abs().sum() > 0
+    # The generator pass leaves no gradient in the discriminator (it is frozen while it judges), so under
+    # gradient accumulation its gradients hold only its own loss and nothing must zero them first.
+    assert all(p.grad is None and p.requires_grad for p in loss.discriminator.parameters())
 
     model.zero_grad()
     loss.discriminator.zero_grad()
@@ -311,3 +314,44 @@ def test_all_terms_are_float32_under_bf16_autocast(tiny_tokenizer_config, random
     assert total.dtype == d_loss.dtype == torch.float32
     assert all(value.dtype == torch.float32 for value in [*logs.values(), *d_logs.values()])
     assert logs["perceptual_loss"].item() > 0
+
+
+def test_the_adaptive_weight_is_recomputed_every_n_steps_and_reused_in_between(tiny_tokenizer_config, monkeypatch):
+    from fullvq.tokenizer import losses
+
+    calls = []
+    original = losses.adaptive_gan_weight
+    monkeypatch.setattr(losses, "adaptive_gan_weight", lambda *args: calls.append(1) or original(*args))
+    loss = TokenizerLoss(perceptual_weight=0, gan_start_step=0, adaptive_gan_weight=True,
+                         adaptive_gan_weight_every=3, **TINY_DISCRIMINATOR)
+    model = tiny_model(tiny_tokenizer_config)
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    weights = []
+    for step in range(7):
+        out = model(images)
+        _, logs = loss.generator_loss(images, out.sample, out.loss, step, model.decoder.conv_out.weight)
+        weights.append(logs["gan_weight"].item())
+    assert len(calls) == 3  # steps 0, 3 and 6
+    assert weights[0] == weights[1] == weights[2] and weights[3] == weights[4] == weights[5]
+    with pytest.raises(ValueError, match="adaptive_gan_weight_every=0"):
+        TokenizerLoss(adaptive_gan_weight_every=0)
+
+
+def test_lpips_trunk_runs_under_the_callers_autocast_only_when_asked():
+    plain, fast = PerceptualLoss(random_backbone=True), PerceptualLoss(random_backbone=True, autocast_trunk=True)
+    fast.load_state_dict(plain.state_dict())
+    fast.lpips.net.net.load_state_dict(plain.lpips.net.state_dict())
+    seen = {}
+    for name, module in (("plain", plain), ("fast", fast)):
+        first_conv = next(m for m in module.modules() if isinstance(m, torch.nn.Conv2d))
+        first_conv.register_forward_hook(lambda mod, args, out, name=name: seen.__setitem__(name, out.dtype))
+    images = torch.rand(2, 3, 32, 32) * 2 - 1
+    noisy = (images + 0.2 * torch.randn_like(images)).clamp(-1, 1)
+    reference = plain(images, noisy)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        exact, quick = plain(images, noisy), fast(images, noisy)
+    assert seen == {"plain": torch.float32, "fast": torch.bfloat16}
+    assert exact.dtype == quick.dtype == torch.float32
+    assert torch.equal(exact, reference)
+    torch.testing.assert_close(quick, reference, rtol=0.05, atol=1e-3)
+    assert torch.equal(fast(images, noisy), reference)  # outside autocast the trunk is float32 again
