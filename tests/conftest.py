@@ -67,3 +67,38 @@ def build_tiny_pipeline(kind: str = "gpt"):
         pipe = FullVQPipeline(tokenizer, gpt, id2label=TINY_LABELS)
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+# ----------------------------------------------------------------------------- the GPU test layer
+# Every test under tests/gpu is marked ``gpu`` and takes the ``device`` fixture, which skips it when no
+# CUDA GPU is present (CI has none, so these never block it). FULLVQ_GPU_TESTS_ON_CPU=1 runs them on
+# the CPU instead (benchmarks/gpu_suite.py --smoke does), so they are known to run before a GPU runs
+# them ("CUDA against CPU" then compares the CPU with itself). On a GPU: python -m pytest -m gpu tests/gpu
+GPU_TESTS_ON_CPU = os.environ.get("FULLVQ_GPU_TESTS_ON_CPU") == "1"
+GPU_TESTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "gpu")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if os.path.abspath(str(item.fspath)).startswith(GPU_TESTS + os.sep):
+            item.add_marker(pytest.mark.gpu)
+
+
+@pytest.fixture
+def device() -> torch.device:
+    """The GPU test layer's device: CUDA, or the CPU under FULLVQ_GPU_TESTS_ON_CPU=1, else the test skips."""
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if GPU_TESTS_ON_CPU:
+        return torch.device("cpu")
+    pytest.skip("needs a CUDA GPU (FULLVQ_GPU_TESTS_ON_CPU=1 tries the test on the CPU)")
+
+
+@pytest.fixture
+def cheap_compile(device, monkeypatch):
+    """On the CPU stand-in, compile the decoding step with aot_eager (the same graph capture, without
+    inductor's minutes of code generation on small CPUs); on a GPU leave the real settings."""
+    if device.type == "cpu":
+        from fullvq.generator import sampling
+
+        monkeypatch.setattr(sampling, "decode_compile_options", lambda device: {"backend": "aot_eager"})
