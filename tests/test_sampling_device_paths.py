@@ -1,6 +1,9 @@
 """What the samplers and the GPT promise on the GPU path (device draws, static cache, compiled
 decoding, float32 logits and latents, chunked loss), checked on the CPU."""
 
+import gc
+import weakref
+
 import pytest
 import torch
 from torch import nn
@@ -68,6 +71,11 @@ def test_compiled_decoding_gives_the_dynamic_cache_tokens_in_one_graph(monkeypat
     assert sampling._DECODERS[model][2] is step  # a second call of the batch size reuses the compiled step
     sampling.release_decoder(model)
     assert model not in sampling._DECODERS
+    sample(model, [0], static_cache=True, compile_decode=True, temperature=0.0)
+    alive = weakref.ref(model)
+    del model
+    gc.collect()
+    assert alive() is None  # the kept cache and compiled step do not keep their model alive
 
 
 def test_compiled_decoding_without_the_static_cache_is_refused():

@@ -198,10 +198,8 @@ def _stepper(model, labels, guided: bool, mode: str, compile_decode: bool):
 
     if mode == "none":
         return lambda step, tokens: model.trunk(input_ids=both_halves(tokens[:, :step]), class_labels=labels)[0][:, -1]
-    if mode == "static":
-        cache, step_fn = _static_decoder(model, len(labels), compile_decode)
-    else:
-        cache, step_fn = None, model.decode_step
+    cache, step_fn = _static_decoder(model, len(labels), compile_decode) if mode == "static" else (None, None)
+    step_fn = step_fn or type(model).decode_step  # called with the model first (no bound method kept)
     state = {"cache": cache}
 
     def next_hidden(step: int, tokens: torch.Tensor) -> torch.Tensor:
@@ -210,25 +208,27 @@ def _stepper(model, labels, guided: bool, mode: str, compile_decode: bool):
             return hidden[:, -1]
         # Token step - 1 sits at sequence position step (position 0 is the class prefix).
         position = torch.full((1, 1), step, dtype=torch.long, device=device)
-        return step_fn(both_halves(tokens[:, step - 1 : step]), position, state["cache"])
+        return step_fn(model, both_halves(tokens[:, step - 1 : step]), position, state["cache"])
 
     return next_hidden
 
 
 # One static cache (and compiled step) per model, reused by the next call of the same batch size:
-# compiled CUDA graphs are recorded against the cache's fixed addresses.
+# compiled CUDA graphs are recorded against the cache's fixed addresses. Keyed weakly, and holding no
+# reference back to the model (the compiled step is the class's function), so it goes with the model.
 _DECODERS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
 def _static_decoder(model, rows: int, compile_decode: bool):
-    """A reset ``StaticCache`` for ``rows`` sequences and the step function to run on it."""
+    """A reset ``StaticCache`` for ``rows`` sequences and the step function to run on it (``None``: the
+    plain ``decode_step``; else ``step_fn(model, input_ids, position_ids, cache)``)."""
     key = (rows, model.dtype, model.device, compile_decode)
     found = _DECODERS.get(model)
     if found is None or found[0] != key:
         cache = StaticCache(config=model.model.config, max_cache_len=1 + model.config.num_image_tokens)
-        step_fn = model.decode_step
+        step_fn = None
         if compile_decode:
-            step_fn = torch.compile(model.decode_step, fullgraph=True, dynamic=False,
+            step_fn = torch.compile(type(model).decode_step, fullgraph=True, dynamic=False,
                                     **decode_compile_options(model.device))
         found = _DECODERS[model] = (key, cache, step_fn)
     _, cache, step_fn = found
