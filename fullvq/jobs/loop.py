@@ -341,15 +341,17 @@ class Trainer:
             return full_copy(self.accelerator, model, self._copies)
         return self.accelerator.unwrap_model(model)
 
-    def _check_finite(self, first_bad: torch.Tensor) -> None:
+    def _check_finite(self, first_bad: torch.Tensor, bad_loss: torch.Tensor) -> None:
         """Raise on every process if any process saw a non-finite loss (decided together, so none is left
-        waiting in a collective); ``first_bad`` is this process's first such step, -1 if none."""
-        first_bad = int(self.accelerator.reduce(first_bad.reshape(1), "max"))  # one read, at log steps only
-        if first_bad >= 0:
+        waiting in a collective); ``first_bad`` is this process's first such step (-1 if none), and
+        ``bad_loss`` the loss it saw there."""
+        step = int(self.accelerator.reduce(first_bad.reshape(1), "max"))  # one read, at log steps only
+        if step >= 0:
+            value = f"{float(bad_loss)}" if int(first_bad) == step else "on another process"
             last = latest_checkpoint(self.output_dir)
             raise FloatingPointError(
-                f"non-finite loss at step {first_bad}; stopped without saving. The last good checkpoint is "
-                f"{last or 'none'}: resume from it (train.resume=latest) with a lower learning_rate or "
+                f"non-finite loss ({value}) at step {step}; stopped without saving. The last good checkpoint "
+                f"is {last or 'none'}: resume from it (train.resume=latest) with a lower learning_rate or "
                 "max_grad_norm, or mixed_precision=no"
             )
 
@@ -390,7 +392,8 @@ class Trainer:
                    desc=f"training ({acc.num_processes} process{'es' if acc.num_processes > 1 else ''})")
         sums: dict[str, torch.Tensor] = {}
         count = 0
-        first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)
+        first_bad = torch.full((), -1, dtype=torch.long, device=acc.device)  # no read per step: see _check_finite
+        bad_loss = torch.zeros((), device=acc.device)
         start, start_step = time.perf_counter(), self.step
         models = list(stage.models.values())
         batches = RunBatches(self.dataset, c, acc, self.steps_per_epoch).from_step(self.step)
@@ -401,7 +404,9 @@ class Trainer:
                 with acc.accumulate(*models):
                     logs = stage.training_step(batch, self.step)
             loss = logs["loss"].to(acc.device)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(loss).all(), self.step, first_bad)
+            now_bad = (first_bad < 0) & ~torch.isfinite(loss).all()
+            first_bad = torch.where(now_bad, self.step, first_bad)
+            bad_loss = torch.where(now_bad, loss.detach().float().reshape(-1)[0], bad_loss)
             self.step += 1
             if self.ema is not None:
                 self.ema.step(self._ema_names_and_parameters()[1])
@@ -412,7 +417,7 @@ class Trainer:
             log_now = self.step % c.log_every == 0 or self.step == self.total_steps
             save_now = self.step % c.checkpoint_every == 0 or self.step == self.total_steps
             if log_now or save_now:
-                self._check_finite(first_bad)
+                self._check_finite(first_bad, bad_loss)
             if log_now:
                 self._log(sums, count, bar)
                 sums, count = {}, 0
