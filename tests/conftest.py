@@ -3,9 +3,15 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One thread for the whole session, module-scoped fixtures and subprocesses included: the models here
+# are tiny, two threads spin for far longer than they compute whenever another job shares the two
+# cores, and a fixture run with two threads sums in another order than a test run with one.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+
+torch.set_num_threads(1)
 
 # A tokenizer small enough to train in seconds on 2 CPU cores: 32 px -> 8 x 8 tokens.
 TINY_TOKENIZER = dict(
@@ -24,14 +30,12 @@ def tiny_tokenizer_config():
 
 @pytest.fixture(autouse=True)
 def _seed_one_thread_and_fresh_accelerate_state():
-    """Every test: a fixed seed; one thread (the models here are tiny, and two threads spin for far
-    longer than they compute whenever another job shares the two cores); and accelerate's
+    """Every test: a fixed seed, one thread (a test that changes it gets it back), and accelerate's
     process-wide state reset afterwards, so each in-process training run starts clean."""
     torch.manual_seed(0)
-    threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(threads)
+    torch.set_num_threads(1)
     from accelerate.state import AcceleratorState, GradientState, PartialState
 
     AcceleratorState._reset_state(True)
