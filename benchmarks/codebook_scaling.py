@@ -361,7 +361,7 @@ def evaluate(spec: RunSpec, model) -> dict:
     all_tokens = int(all_counts.sum())
     probabilities = all_counts.double() / max(1, all_tokens)
     entropy = -(probabilities[probabilities > 0] * probabilities[probabilities > 0].log()).sum()
-    return {
+    return {**slot_usage(model.quantize, all_counts),
         "usage_percent": 100 * held_out.usage, "perplexity": held_out.perplexity, "dead_codes": held_out.dead_codes,
         "tokens": held_out.total, "uniform_ceiling_percent": uniform_ceiling(held_out.total, spec.codebook_size),
         "usage_all_percent": 100 * int((all_counts > 0).sum()) / spec.codebook_size,
@@ -369,6 +369,17 @@ def evaluate(spec: RunSpec, model) -> dict:
         "uniform_ceiling_all_percent": uniform_ceiling(all_tokens, spec.codebook_size),
         "psnr_db": float(psnrs.double().mean()), "held_out_images": len(psnrs), "rfid": rfid, "fid_images": len(fake_features),
     }
+
+
+def slot_usage(quantizer, counts: torch.Tensor) -> dict:
+    """fvq: the share of each code slot's codes in use (the slots are where fvq loses codes wholesale)."""
+    if getattr(quantizer, "group_size", 1) <= 1:
+        return {}
+    slots = quantizer.code_slots(torch.arange(len(counts)))
+    used = torch.zeros(quantizer.group_size).index_add_(0, slots, (counts > 0).float())
+    share = 100 * used / (len(counts) // quantizer.group_size)
+    return {"slot_usage_min_percent": float(share.min()), "slot_usage_median_percent": float(share.median()),
+            "slots_unused": int((share == 0).sum())}
 
 
 def run_one(spec: RunSpec) -> dict:

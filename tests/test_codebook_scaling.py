@@ -60,6 +60,7 @@ def test_benchmark_writes_one_row_per_run_a_table_and_a_plot_and_reuses_finished
         assert row["tokens_all"] > row["tokens"] and 1 <= row["perplexity"] <= row["codebook_size"]
         assert 0 < row["uniform_ceiling_percent"] <= 100 and row["rfid"] > 0 and 0 < row["psnr_db"] < 60
         assert row["fid_images"] == 6
+        assert "slot_usage_min_percent" not in row  # fvq's G is 1 below 4,096 codes: no code slots
     summary = json.loads((tmp_path / "results.json").read_text())
     assert len(summary["runs"]) == 8 and summary["settings"]["steps"] == 3
     table = (tmp_path / "results.md").read_text().splitlines()
@@ -124,13 +125,15 @@ def test_seeds_are_aggregated_into_mean_and_sample_sd_per_setting(tmp_path):
 def test_gpu_preset_smoke_runs_its_path_on_a_cpu_at_tiny_sizes(tmp_path, inception_weights):
     bench = load_benchmark()
     args = ["--preset", "gpu-large", "--smoke", "--out", str(tmp_path), "--inception-weights", str(inception_weights),
-            "--sizes", "64", "--seeds", "0", "1"]
+            "--sizes", "64", "--seeds", "0", "1", "--fvq-options", "group_size=4"]
     rows = bench.main(args)
     assert [(r["quantizer"], r["codebook_size"], r["seed"]) for r in rows] == [("fvq", 64, 0), ("fvq", 64, 1)]
     for row in rows:  # 64 px photos: 16 x 16 tokens an image; steps from 100 tokens per code at batch 4
         assert row["dataset"] == "photos" and row["resolution"] == 64 and row["batch_size"] == 4
         assert row["steps"] == bench.steps_for(100, row["codebook_size"], 4, 256)
         assert row["tokens_per_code"] >= 100 and row["tokens"] == 8 * 256 and row["tokens_all"] == 32 * 256
+        assert row["fvq_options"] == {"group_size": 4}
+        assert 0 <= row["slot_usage_min_percent"] <= row["slot_usage_median_percent"] <= 100
     assert rows[0]["psnr_db"] != rows[1]["psnr_db"]  # the seeds train differently
     report = json.loads((tmp_path / "smoke.json").read_text())
     assert len(report["runs"]) == 2 and [r["seeds"] for r in report["summary"]] == [[0, 1]]
