@@ -677,7 +677,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
     specs = []
     for dataset in args.datasets:
         folder = prepare_dataset(dataset, args.out, args.resolution, DATA_SEED, tuple(args.photo_images),
-                                 args.digits_limit, max(1, args.workers * args.threads))
+                                 args.digits_limit, max(1, args.workers * args.threads, args.data_workers))
         split_images(folder, "train", args.resolution)  # cached here once, read by every run
         reference = reference_statistics(folder, args.resolution, args.fid_images, weights)
         for quantizer, size, seed in itertools.product(args.quantizers, args.sizes, args.seeds):
