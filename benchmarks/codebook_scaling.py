@@ -91,7 +91,7 @@ def _photos() -> list[tuple[str, np.ndarray]]:
               ("astronaut", "coffee", "chelsea", "rocket", "hubble_deep_field", "immunohistochemistry", "retina")]
     photos.append(("motorcycle", sk.stereo_motorcycle()[0]))
     sample = load_sample_images()
-    photos += [(Path(name).stem, image) for name, image in zip(sample.filenames, sample.images)]
+    photos += [(Path(name).stem, image) for name, image in zip(sample.filenames, sample.images, strict=True)]
     return [(name, np.ascontiguousarray(image[..., :3])) for name, image in photos]
 
 
@@ -145,7 +145,7 @@ def _write_digits(folder: Path, resolution: int, limit: int | None = None) -> No
     from fullvq.data import _mnist_digits
 
     images, labels = _mnist_digits()
-    for index, (digit, label) in enumerate(zip(images[:limit], labels[:limit].tolist())):
+    for index, (digit, label) in enumerate(zip(images[:limit], labels[:limit].tolist(), strict=True)):
         split = "validation" if index % 10 == 0 else "train"
         target = folder / split / str(label)
         target.mkdir(parents=True, exist_ok=True)
@@ -367,7 +367,8 @@ def evaluate(spec: RunSpec, model) -> dict:
         "usage_all_percent": 100 * int((all_counts > 0).sum()) / spec.codebook_size,
         "perplexity_all": float(entropy.exp()), "tokens_all": all_tokens,
         "uniform_ceiling_all_percent": uniform_ceiling(all_tokens, spec.codebook_size),
-        "psnr_db": float(psnrs.double().mean()), "held_out_images": len(psnrs), "rfid": rfid, "fid_images": len(fake_features),
+        "psnr_db": float(psnrs.double().mean()), "held_out_images": len(psnrs), "rfid": rfid,
+        "fid_images": len(fake_features),
     }
 
 
@@ -386,9 +387,9 @@ def run_one(spec: RunSpec) -> dict:
     """Train (or resume) one tokenizer and evaluate it; the row is cached in ``<run>/result.json``."""
     torch.set_num_threads(spec.threads)
     from fullvq.config import build_dataclass
-    from fullvq.tokenizer.modeling import FVQModel
     from fullvq.jobs.loop import latest_checkpoint
     from fullvq.jobs.train_tokenizer import TokenizerTrainConfig, train_tokenizer
+    from fullvq.tokenizer.modeling import FVQModel
 
     run = spec.run_folder()
     result_path = run / "result.json"
@@ -404,7 +405,8 @@ def run_one(spec: RunSpec) -> dict:
     if settings["quantizer"] == "lc":
         patch = 2 ** (len(spec.channels) - 1)
         settings["quantizer_kwargs"] = {"feature_dim": 3 * patch * patch}
-        codebook_path = str(lc_codebook(spec, patch, run.parent / f"lc-codebook-{spec.codebook_size}-seed{spec.seed}.safetensors"))
+        name = f"lc-codebook-{spec.codebook_size}-seed{spec.seed}.safetensors"
+        codebook_path = str(lc_codebook(spec, patch, run.parent / name))
     schedule = "constant" if spec.quantizer == "fvq-no-annealing" else "annealing"
     config = build_dataclass(TokenizerTrainConfig, {
         "model": settings,
@@ -516,7 +518,8 @@ def write_table(summary: list[dict], path: Path) -> str:
         per_code = "–" if per_code is None else f"{per_code:,.0f}" if per_code >= 10 else f"{per_code:.2g}"
         options = ", ".join(f"{key}={value}" for key, value in (r.get("fvq_options") or {}).items())
         lines.append(
-            f"| {r['dataset']} | {r['quantizer']}{f' ({options})' if options else ''} | {r['codebook_size']:,} | {per_code} | {len(r['seeds'])} | "
+            f"| {r['dataset']} | {r['quantizer']}{f' ({options})' if options else ''} | {r['codebook_size']:,} | "
+            f"{per_code} | {len(r['seeds'])} | "
             f"{_figure(r, 'usage_percent', 1)} ({r['tokens']:,}) | {_figure(r, 'usage_all_percent', 1)} "
             f"({r['tokens_all']:,}) | {_figure(r, 'perplexity', 0)} | {_figure(r, 'psnr_db', 2)} | "
             f"{_figure(r, 'rfid', 1)} |")
@@ -543,7 +546,7 @@ def plot(summary: list[dict], path: Path) -> None:
                 points = sorted((r["codebook_size"], r[key], r[f"{key}_sd"]) for r in summary
                                 if r["dataset"] == dataset and r["quantizer"] == quantizer)
                 if points:
-                    sizes, values, spread = zip(*points)
+                    sizes, values, spread = zip(*points, strict=True)
                     ax.errorbar(sizes, values, yerr=spread, marker="o", capsize=3, label=quantizer)
             ax.set_xscale("log", base=2)
             ax.set_xlabel("codebook size K")
@@ -597,7 +600,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--min-ceiling", type=float, default=99.0,
                         help="refuse a (set, K) whose tokens could show less than this usage %% even if spread "
                              "uniformly (0: allow any)")
-    parser.add_argument("--fid-images", type=int, default=100, help="held-out images in each rFID (the same for every run)")
+    parser.add_argument("--fid-images", type=int, default=100,
+                        help="held-out images in each rFID (the same for every run)")
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--workers", type=int, default=2, help="runs trained at once (processes)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker")
@@ -608,7 +612,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                         help="fvq rows: FVQQuantizer arguments for an ablation, values in JSON, e.g. "
                              "revive_after=0 group_size=16 commitment_weight=0.1 (runs keep their own folders)")
     parser.add_argument("--bridge-init", choices=("official", "pytorch"), default=None,
-                        help="fvq rows: VQBridge init (official: xavier weights, zero biases); = --fvq-options init=...")
+                        help="fvq rows: VQBridge init (official: xavier weights, zero biases); "
+                             "= --fvq-options init=...")
     parser.add_argument("--recover-std", type=float, default=None,
                         help="fvq rows: std of VQBridge's initial recover weights (0: the official all-zero "
                              "start; default: the quantizer's, 0.002); = --fvq-options recover_std=...")

@@ -75,7 +75,8 @@ def test_benchmark_writes_one_row_per_run_a_table_and_a_plot_and_reuses_finished
     run = tmp_path / "runs" / "digits-32px-first60" / "fvq-16-3steps-bs4-seed0-recover-std-0.0"
     config = json.loads((run / "model" / "config.json").read_text())
     assert config["quantizer_kwargs"]["recover_std"] == 0.0
-    assert (tmp_path / "ablation.md").is_file() and len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 8
+    assert (tmp_path / "ablation.md").is_file()
+    assert len(json.loads((tmp_path / "results.json").read_text())["runs"]) == 8
 
 
 def test_tokens_per_code_sets_the_steps_from_the_codebook_size_batch_and_tokens_per_image():
