@@ -98,6 +98,17 @@ def describe_folder(folder: str | os.PathLike) -> dict:
                      "FullVQGPT); pass a folder written by fullvq's save_pretrained")
 
 
+# The sub-folders a run writes its results into; their own names say nothing about the model.
+RUN_OUTPUT_NAMES = ("model", "pipeline")
+
+
+def folder_name(folder: str | os.PathLike) -> str:
+    """A model folder's name for people: its own, or its run folder's for a run's ``model/`` or
+    ``pipeline/`` (``runs/fvq-16k/model`` -> ``fvq-16k``; ``llamagen-vq16`` -> ``llamagen-vq16``)."""
+    path = Path(folder).resolve()
+    return (path.parent.name or path.name) if path.name in RUN_OUTPUT_NAMES else path.name
+
+
 def read_card_facts(folder: str | os.PathLike) -> dict:
     """The job facts kept in ``folder``'s card (``{}`` when it has no card, or a card fullvq did not write)."""
     path = Path(folder) / CARD_NAME
@@ -144,7 +155,7 @@ def write_model_card(folder: str | os.PathLike, *, command: str | None = None, r
     if "recipe" not in facts and (folder / "train_config.yaml").is_file():
         facts["recipe"] = yaml.safe_load((folder / "train_config.yaml").read_text())
     facts["kind"] = described["kind"]
-    title = folder.resolve().name if described["kind"] != "pipeline" else folder.resolve().parent.name or "pipeline"
+    title = facts["repo_id"].rsplit("/", 1)[-1] if facts.get("repo_id") else folder_name(folder)
     results = [EvalResult(task_type=task_type, dataset_type=dataset, dataset_name=dataset, metric_type=metric,
                           metric_value=value, metric_name=name)
                for task_type, dataset, metric, name, value in _hub_results(facts.get("metrics") or {})]
@@ -394,5 +405,5 @@ def _read_json(path: Path) -> dict:
         raise ValueError(f"{path} is missing; the folder is incomplete (re-save it with save_pretrained)") from None
 
 
-__all__ = ["CARD_NAME", "add_report_to_card", "command_line", "describe_folder", "read_card_facts", "usage_figures",
-           "write_model_card"]
+__all__ = ["CARD_NAME", "add_report_to_card", "command_line", "describe_folder", "folder_name", "read_card_facts",
+           "usage_figures", "write_model_card"]

@@ -120,3 +120,16 @@ def test_eval_updates_only_a_local_folders_card_and_never_fails_a_finished_evalu
     assert add_report_to_card(tokenizer_folder, rfid_report(3.0, 90.0)) == tokenizer_folder / "README.md"
     with pytest.warns(UserWarning, match="was not updated"):
         assert add_report_to_card(tmp_path, rfid_report(3.0, 90.0)) is None  # no fullvq model there
+
+
+def test_a_runs_model_and_pipeline_folders_are_named_after_the_run_and_other_folders_after_themselves(tmp_path):
+    pipe = build_tiny_pipeline("gpt")
+    pipe.save_pretrained(tmp_path / "fvq-digits" / "pipeline")  # what train-generator writes
+    pipe.tokenizer.save_pretrained(tmp_path / "fvq-digits" / "model")  # what train-tokenizer writes, with its card
+    write_model_card(tmp_path / "fvq-digits" / "model")
+    pipe.save_pretrained(tmp_path / "llamagen-b")  # what convert writes: the folder itself is the model
+    assert front_matter(tmp_path / "fvq-digits" / "pipeline" / "README.md")["model_name"] == "fvq-digits"
+    assert front_matter(tmp_path / "fvq-digits" / "model" / "README.md")["model_name"] == "fvq-digits"
+    assert front_matter(tmp_path / "llamagen-b" / "README.md")["model_name"] == "llamagen-b"
+    card = write_model_card(tmp_path / "llamagen-b", repo_id="someone/fullvq-b")
+    assert front_matter(card)["model_name"] == "fullvq-b"

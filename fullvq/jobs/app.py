@@ -254,10 +254,12 @@ def _tokenize_tab(gr, tokenizer) -> None:
 def launch(path: str | os.PathLike, host: str = "127.0.0.1", port: int | None = None, device: str = "cpu",
            share: bool = False, block: bool = True):
     """Load ``path`` (a pipeline or tokenizer folder) and serve the page; returns the running ``gr.Blocks``."""
+    from ..cards import folder_name
+
     pipeline, tokenizer = load_models(path, device)
     if pipeline is not None:
         pipeline.set_progress_bar_config(disable=False)
-    app = build_app(pipeline, tokenizer, title=f"fullvq: {Path(path).resolve().name}")
+    app = build_app(pipeline, tokenizer, title=f"fullvq: {folder_name(path)}")
     serve(app, host=host, port=port, share=share, block=block)
     return app
 
