@@ -57,6 +57,11 @@ def test_user_errors_are_reported_as_argparse_reports_them(tmp_path, capsys):
     assert code == 2 and err.startswith("usage: fullvq cache-tokens")
     assert "fullvq cache-tokens: error: no such folder: tokenizer" in err and "does not exist" in err
     assert main(["sample", "--no-such-flag"]) == 2  # argparse's own errors: the same status, no SystemExit
+    capsys.readouterr()
+    code = main(["eval", "rfid", "--tokenizer", str(tmp_path / "none"), "--data", "demo", "--output", str(tmp_path)])
+    err = capsys.readouterr().err
+    assert code == 2 and err.startswith("usage: fullvq eval rfid")  # the sub-command's usage, not its parent's
+    assert "fullvq eval rfid: error: no such folder: tokenizer" in err
 
 
 def test_the_command_line_offers_exactly_the_choices_the_jobs_accept():

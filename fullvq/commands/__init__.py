@@ -32,7 +32,16 @@ def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callab
     try:
         return int(job(args) or 0)
     except (*errors, *COMMON_ERRORS) as error:
-        return fail(parser, error)
+        return fail(_chosen_parser(parser, args), error)
+
+
+def _chosen_parser(parser: argparse.ArgumentParser, args: argparse.Namespace) -> argparse.ArgumentParser:
+    """The (sub-)parser of the command ``args`` ran, so ``fullvq eval rfid``'s errors show its usage, not
+    ``fullvq eval``'s."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and getattr(args, action.dest, None) in action.choices:
+            return _chosen_parser(action.choices[getattr(args, action.dest)], args)
+    return parser
 
 
 class _Renamed(argparse.Action):
