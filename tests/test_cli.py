@@ -79,6 +79,13 @@ def test_the_command_line_offers_exactly_the_choices_the_jobs_accept():
     assert eval_command.INCEPTION_WEIGHTS_ENV == INCEPTION_WEIGHTS_ENV
 
 
+def test_every_eval_sub_commands_help_says_what_it_does(capsys):
+    for command in ("rfid", "gfid", "reference-stats", "convert-inception"):
+        assert main(["eval", command, "--help"]) == 0
+        after_usage = capsys.readouterr().out.split("\n\n")[1]
+        assert not after_usage.startswith("options:"), f"eval {command} --help has no description"
+
+
 def test_help_answers_without_importing_torch_or_diffusers():
     # A fresh interpreter: `import fullvq.cli` and every command's --help must stay light (under 1 s).
     import subprocess

