@@ -14,16 +14,28 @@ import torch
 LONG_JOB_TIMEOUT_HOURS = 6
 
 
+def cpu_ranks() -> bool:
+    """Whether this process is one of several CPU ranks: ``ACCELERATE_USE_CPU`` is set, or it was launched
+    as one of several processes (``WORLD_SIZE`` > 1) on a machine without CUDA, where accelerate would
+    otherwise start every process as a lone run of its own, all writing the same output."""
+    import os
+
+    from accelerate.utils import parse_flag_from_env
+
+    launched_several = int(os.environ.get("WORLD_SIZE", "1")) > 1
+    return parse_flag_from_env("ACCELERATE_USE_CPU") or (launched_several and not torch.cuda.is_available())
+
+
 def process_state():
-    """accelerate's ``PartialState``. ``accelerate launch`` on CPU sets ``ACCELERATE_USE_CPU``, which only
-    ``AcceleratorState`` reads by itself, so it is passed on here: ``--multi_gpu`` then runs real
-    ranks on CPU (gloo). The process group it starts waits ``LONG_JOB_TIMEOUT_HOURS`` in a collective."""
+    """accelerate's ``PartialState``. Several processes on CPU (see :func:`cpu_ranks`) are passed on as
+    ``cpu=True``, which only ``AcceleratorState`` reads by itself from ``ACCELERATE_USE_CPU``: ``--multi_gpu``
+    then runs real ranks on CPU (gloo). The process group it starts waits ``LONG_JOB_TIMEOUT_HOURS`` in a
+    collective."""
     from datetime import timedelta
 
     from accelerate import PartialState
-    from accelerate.utils import parse_flag_from_env
 
-    return PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), timeout=timedelta(hours=LONG_JOB_TIMEOUT_HOURS))
+    return PartialState(cpu=cpu_ranks(), timeout=timedelta(hours=LONG_JOB_TIMEOUT_HOURS))
 
 
 def loader_options(num_workers: int | None, device: torch.device | str) -> dict:
@@ -75,5 +87,5 @@ def sum_over_processes(counts: torch.Tensor) -> torch.Tensor:
     return counts
 
 
-__all__ = ["LONG_JOB_TIMEOUT_HOURS", "loader_options", "my_share", "process_state", "gather_in_order",
+__all__ = ["LONG_JOB_TIMEOUT_HOURS", "cpu_ranks", "loader_options", "my_share", "process_state", "gather_in_order",
            "sum_over_processes"]

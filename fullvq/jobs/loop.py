@@ -37,6 +37,7 @@ from torch.utils.data import IterableDataset
 from tqdm.auto import tqdm
 
 from ..config import above, at_least, check_fields, dump_config, to_dict, within
+from ..distributed import cpu_ranks
 from ..io import disk_full_as_error, hold_folder, publish, remove, staging_path, write_text
 from .checkpoints import (
     CHECKPOINT_PREFIX,
@@ -166,6 +167,7 @@ class Trainer:
 
             log_with = "wandb" if importlib.util.find_spec("wandb") else "tensorboard"
         self.accelerator = Accelerator(
+            cpu=cpu_ranks(),
             mixed_precision=config.mixed_precision,
             gradient_accumulation_steps=config.gradient_accumulation_steps,
             log_with=log_with,
