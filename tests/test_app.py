@@ -160,6 +160,21 @@ def test_the_page_generates_the_grid_and_tokenizes_an_upload_with_messages_for_b
     page.get_by_text("larger than the app takes").wait_for()
 
 
+def test_the_served_page_says_where_it_is_and_names_the_command_lines_share_flag(pipe, capsys, monkeypatch):
+    app = build_app(pipe)
+    monkeypatch.setattr(type(app), "block_thread", lambda self: None)  # return instead of serving forever
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    try:
+        serve(app, port=port, block=True)
+    finally:
+        app.close()
+    out = capsys.readouterr().out
+    assert f"serving http://127.0.0.1:{port}/" in out and "--share" in out
+    assert "launch()" not in out  # Gradio's banner speaks to Python callers, not to `fullvq app` users
+
+
 def test_the_app_command_refuses_a_missing_folder_before_loading_anything(capsys):
     from fullvq.cli import main
 

@@ -270,5 +270,10 @@ def serve(app, host: str = "127.0.0.1", port: int | None = None, share: bool = F
 
     # System fonts: the default theme's web fonts would be fetched from the internet by every browser.
     theme = gr.themes.Default(font=["system-ui", "sans-serif"], font_mono=["ui-monospace", "monospace"])
-    app.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block,
-                       max_file_size="50mb", quiet=not block, theme=theme)
+    # Quiet: Gradio's own banner tells a command-line user to set `share=True` in `launch()`.
+    app.queue().launch(server_name=host, server_port=port, share=share, prevent_thread_lock=True,
+                       max_file_size="50mb", quiet=True, theme=theme)
+    if block:
+        public = f" and {app.share_url}" if app.share_url else " (--share adds a public Gradio link)"
+        print(f"fullvq app: serving {app.local_url}{public}; Ctrl+C stops it", flush=True)
+        app.block_thread()
