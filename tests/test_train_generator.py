@@ -231,7 +231,7 @@ def test_training_refuses_other_tokenizers_codebooks_grids_and_labels_before_any
     assert not (tmp_path / "run").exists()
 
 
-def test_tiny_gpt_overfits_cached_grids_and_samples_them_back_for_their_classes(workspace, tmp_path):
+def test_tiny_gpt_overfits_cached_grids_and_samples_them_back_for_their_classes(workspace, tmp_path, capsys):
     from fullvq.generator import FullVQGPT, sample
     from fullvq.pipelines.autoregressive import FullVQPipeline
 
@@ -240,6 +240,7 @@ def test_tiny_gpt_overfits_cached_grids_and_samples_them_back_for_their_classes(
     assert config.train.reference_batch_size == 256 and config.train.adam_beta2 == 0.95
     summary = train_generator(config)
     run = tmp_path / "run"
+    assert f"wrote {run / 'pipeline'}: fullvq sample" in capsys.readouterr().out  # where the user goes next
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert summary["steps"] == 200 and records[-1]["loss"] < 0.01 and records[-1]["token_accuracy"] == 1.0
     assert (run / "samples" / "step-200.png").is_file() and (run / "model" / "train_config.yaml").is_file()

@@ -205,6 +205,8 @@ def train_generator(config: GeneratorTrainConfig) -> dict:
     summary = trainer.fit()
     if trainer.is_main:
         write_cards(config, cache, trainer.output_dir)
+        pipeline = trainer.output_dir / "pipeline"  # what users load next; the loop names only model/
+        print(f"wrote {pipeline}: fullvq sample {pipeline} --labels ... --output DIR, or fullvq app {pipeline}")
     return summary
 
 
