@@ -277,11 +277,11 @@ def _architecture(described: dict) -> list[str]:
                 ("classes", f"{len(described['id2label']) or 'ids only (no id2label)'}")]
         generator = described["generator"]
         if generator["kind"] == "gpt":
-            rows += [("generator", f"FullVQGPT, {generator['num_hidden_layers']} layers x "
+            rows += [("generator", f"FullVQGPT, {_plural(generator['num_hidden_layers'], 'layer')} x "
                                    f"{generator['hidden_size']} wide, {_count(generator['parameters'])} parameters")]
         else:
-            rows += [("generator", f"{generator['class']}, {generator['num_layers']} layers x {generator['width']} "
-                                   f"wide, {_count(generator['parameters'])} parameters; "
+            rows += [("generator", f"{generator['class']}, {_plural(generator['num_layers'], 'layer')} x "
+                                   f"{generator['width']} wide, {_count(generator['parameters'])} parameters; "
                                    f"scheduler {generator['scheduler']}")]
         tokenizer = described["tokenizer"]
         rows += [("tokenizer", f"{tokenizer['quantizer']}, {tokenizer['grid']} x {tokenizer['grid']} tokens, "
@@ -372,6 +372,10 @@ def _parameter_count(folder: Path) -> int | None:
                     count *= side
                 total += count
     return total
+
+
+def _plural(number: int, noun: str) -> str:
+    return f"{number} {noun}{'' if number == 1 else 's'}"
 
 
 def _count(number: int | None) -> str:

@@ -133,3 +133,9 @@ def test_a_runs_model_and_pipeline_folders_are_named_after_the_run_and_other_fol
     assert front_matter(tmp_path / "llamagen-b" / "README.md")["model_name"] == "llamagen-b"
     card = write_model_card(tmp_path / "llamagen-b", repo_id="someone/fullvq-b")
     assert front_matter(card)["model_name"] == "fullvq-b"
+
+
+def test_counts_in_cards_agree_with_their_noun():
+    from fullvq.cards import _plural
+
+    assert _plural(1, "layer") == "1 layer" and _plural(24, "layer") == "24 layers"

@@ -51,6 +51,14 @@ def test_old_flag_spellings_still_work_for_a_release_and_say_so(tmp_path, capsys
     assert "deprecated" not in capsys.readouterr().err
 
 
+def test_a_flag_is_spelled_out_not_guessed_from_a_prefix(tmp_path, capsys):
+    # eval rfid never had --out: argparse's prefix matching used to take it quietly as --output.
+    code = main(["eval", "rfid", "--tokenizer", str(tmp_path), "--data", "demo", "--out", str(tmp_path / "x")])
+    assert code == 2 and "the following arguments are required: --output" in capsys.readouterr().err
+    assert main(["sample", str(tmp_path), "--labels", "0", "--images-per", "2", "--output", str(tmp_path / "y")]) == 2
+    assert "unrecognized arguments: --images-per" in capsys.readouterr().err
+
+
 def test_user_errors_are_reported_as_argparse_reports_them(tmp_path, capsys):
     code = main(["cache-tokens", "--tokenizer", str(tmp_path / "none"), "--data", "demo", "--output", str(tmp_path)])
     err = capsys.readouterr().err

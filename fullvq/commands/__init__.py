@@ -66,10 +66,18 @@ def add_renamed(parser, name: str, *deprecated: str, **kwargs) -> argparse.Actio
     return parser.add_argument(name, *deprecated, action=_Renamed, deprecated=deprecated, **kwargs)
 
 
+class CommandParser(argparse.ArgumentParser):
+    """argparse without prefix matching (``--out`` is not quietly ``--output``: a flag is either
+    spelled out or a deprecated spelling that says so); sub-commands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
+
+
 def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """A command's parser; ``description`` (its module docstring) is shown as written."""
-    return argparse.ArgumentParser(prog=prog, description=description,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+    return CommandParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
 
 
 def recipe_parser(prog: str, description: str, recipes: str, example: str) -> argparse.ArgumentParser:

@@ -10,12 +10,11 @@ import argparse
 import importlib.util
 from pathlib import Path
 
-from . import run
+from . import command_parser, run
 
 
 def build_parser(prog: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog=prog, description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = command_parser(prog, __doc__)
     parser.add_argument("model", type=Path, metavar="PIPELINE_OR_TOKENIZER",
                         help="a pipeline folder (model_index.json) or a tokenizer folder (config.json)")
     parser.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
