@@ -122,6 +122,10 @@ def test_diffusers_alone_loads_local_hub_and_upgraded_old_folders_and_runs_the_c
     upgraded = tmp_path / "upgraded"
     shutil.copytree(folders / "old-gpt", upgraded)
     load_pipeline(upgraded).save_config(upgraded)  # the README's in-place upgrade: index + module files only
+    load_pipeline(upgraded).save_pretrained(tmp_path / "resaved")
+    # No local path travels with an upgraded or re-saved folder (diffusers writes the one it loaded from).
+    for written in [upgraded / "model_index.json", *(tmp_path / "resaved").rglob("*.json")]:
+        assert "_name_or_path" not in json.loads(written.read_text()), written
     sources = {"local": (folders / "gpt", "gpt"), "local-flow": (folders / "flow", "flow"),
                "hub": ("someone/fullvq-tiny", "gpt"), "hub-flow": ("someone/fullvq-tiny-flow", "flow"),
                "upgraded": (upgraded, "gpt")}

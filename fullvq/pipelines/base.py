@@ -77,8 +77,10 @@ class ClassConditionalPipeline(DiffusionPipeline):
         return super().save_config(save_directory, *args, **kwargs)
 
     def to_json_string(self) -> str:
-        """``model_index.json``'s text: diffusers' own, with fullvq's classes named through ``MODULE_FILE``."""
+        """``model_index.json``'s text: diffusers' own, with fullvq's classes named through ``MODULE_FILE``, and
+        without the local path the pipeline was loaded from (``_name_or_path``)."""
         index = json.loads(super().to_json_string())
+        index.pop("_name_or_path", None)
         stem = MODULE_FILE.removesuffix(".py")
         index["_class_name"] = [stem, type(self).__name__]
         for name in self._fullvq_components():

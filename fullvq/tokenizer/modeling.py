@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -155,6 +156,13 @@ class FVQModel(ModelMixin, ConfigMixin):
             )
         model = _own_memory(model)
         return (model, info) if return_info else model
+
+    def to_json_string(self) -> str:
+        """``config.json``'s text: diffusers' own, without the path the model was loaded from
+        (``_name_or_path``), which would otherwise travel to the Hub with a re-saved folder."""
+        config = json.loads(super().to_json_string())
+        config.pop("_name_or_path", None)
+        return json.dumps(config, indent=2, sort_keys=True) + "\n"
 
     def compile_blocks(self, **options) -> None:
         """``torch.compile`` the encoder and the decoder in place (``options`` go to ``torch.compile``);
