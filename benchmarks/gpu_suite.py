@@ -463,18 +463,20 @@ def run(items: list[str], smoke: bool, out: Path, budget_minutes: float) -> dict
     ceiling = ceilings(device, size)
     results = {"device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda"
                else platform.processor() or "CPU", "smoke": smoke, "torch": torch.__version__,
-               "ceilings": ceiling, "rows": [], "skipped": [], "errors": {}}
+               "ceilings": ceiling, "rows": [], "skipped": [], "errors": {}, "item_seconds": {}}
     for item in items:
         if time.perf_counter() - start > budget_minutes * 60:
             results["skipped"].append(item)
             continue
         print(f"[gpu suite] item {item} ({time.perf_counter() - start:.0f} s in)", flush=True)
+        item_start = time.perf_counter()
         try:
             results["rows"].extend(SECTIONS[item](device, size, ceiling, out, smoke))
         except Exception as error:  # one broken item must not cost the others' figures
             traceback.print_exc()
             results["errors"][item] = f"{type(error).__name__}: {error}"[:500]
             results["rows"].append(row(item, "(failed)", "error", None, ok=False, error=results["errors"][item]))
+        results["item_seconds"][item] = round(time.perf_counter() - item_start, 1)
         results["seconds"] = time.perf_counter() - start
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))  # what finished so far
         (out / "results.md").write_text(markdown(results))
