@@ -186,6 +186,17 @@ def build_dataclass(cls: type[T], values: dict | None, where: str = "") -> T:
         raise ConfigError(f"{where or cls.__name__}: {error}") from None
 
 
+def build_section(where: str, target, kwargs: dict, errors: tuple[type[BaseException], ...] = (TypeError, ValueError)):
+    """``target(**kwargs)`` for the recipe section ``where`` (a model, a loss, a data source); returns
+    what it built. An error of the kinds ``errors`` (settings out of range or that do not fit together,
+    a missing path) becomes a ``ConfigError`` naming the section, so the command refuses the recipe
+    with exit status 2 instead of a traceback."""
+    try:
+        return target(**kwargs)
+    except errors as error:
+        raise ConfigError(f"{where}: {error}") from error
+
+
 def check_kwargs(where: str, values: dict, target) -> dict:
     """Check a mapping against the keyword arguments of ``target`` (a class or function)."""
     signature = inspect.signature(target)

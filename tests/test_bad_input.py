@@ -232,6 +232,22 @@ def test_3_clipping_is_off_with_zero_or_null():
         assert not config.train.max_grad_norm
 
 
+@pytest.mark.parametrize("override, named", [
+    ("model.codebook_size=0", "model: codebook_size"), ("model.quantizer=nope", "model: unknown quantizer"),
+    ("model.quantizer_kwargs.group_size=7", "model: codebook_size=64 is not divisible"),
+    ("model.norm_num_groups=7", "model: block_out_channels"), ("loss.gan_loss=foo", "loss: gan_loss='foo'"),
+    ("data.source=/no/such/folder", "data: dataset path '/no/such/folder' does not exist"),
+])
+def test_3_settings_a_model_loss_or_data_source_refuses_exit_2_naming_the_section(override, named, tmp_path, capsys):
+    from fullvq.commands.train_tokenizer import main
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(recipe(tmp_path)))
+    assert main([str(path), override]) == 2
+    assert f"error: {named}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------- 4. optional keys are typed
 
 

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import torch
 
-from ..config import ConfigError, at_least, check_fields, check_kwargs
+from ..config import ConfigError, at_least, build_section, check_fields, check_kwargs
 from ..data import build_dataset
 from ..images import from_uint8, save_image_grid, save_usage_histogram
 from ..tokenizer.losses import TokenizerLoss
@@ -92,14 +92,14 @@ class TokenizerStage(TrainingStage):
         self.config = config
         self.dataset = dataset
         device = trainer.accelerator.device
-        model = FVQModel(**config.model)
+        model = build_section("model", FVQModel, config.model)
         if config.codebook_path is not None:
             model.quantize.load_codebook(config.codebook_path)
         resolution = config.data.resolution
         if resolution % model.downsample_factor:
             raise ConfigError(f"data.resolution={resolution} is not divisible by the tokenizer's downsample factor "
                               f"{model.downsample_factor}")
-        self.loss_fn = TokenizerLoss(**config.loss).to(device)
+        self.loss_fn = build_section("loss", TokenizerLoss, config.loss).to(device)
         self.models = {"model": model}
         self.optimizers = {"model": trainer.adam(model.parameters())}
         if self.loss_fn.discriminator is not None:
@@ -174,8 +174,10 @@ def train_tokenizer(config: TokenizerTrainConfig) -> dict:
     data = config.data
     # uint8 pixels through the DataLoader (a quarter of the bytes in workers' shared memory and the
     # host-to-device copy), mapped to [-1, 1] on the device bit for bit as the float transforms would.
-    dataset = build_dataset(data.source, resolution=data.resolution, train=True, split=data.split, uint8=True,
-                            streaming=data.streaming, image_column=data.image_column, label_column=data.label_column)
+    dataset = build_section("data", build_dataset, dict(
+        source=data.source, resolution=data.resolution, train=True, split=data.split, uint8=True,
+        streaming=data.streaming, image_column=data.image_column, label_column=data.label_column),
+        errors=(FileNotFoundError, ValueError))
     trainer = Trainer(config.train, lambda t: TokenizerStage(t, config, dataset), dataset, full_config=config)
     summary = trainer.fit()
     if trainer.is_main:  # the card reads the recipe from model/train_config.yaml
