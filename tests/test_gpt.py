@@ -146,6 +146,11 @@ def test_bad_inputs_give_clear_errors():
         model(input_ids=tokens)
     with pytest.raises(ValueError, match="divisible by 4"):
         tiny_config(hidden_size=72, num_attention_heads=4)  # head_dim 18
+    for shape in (dict(hidden_size=0), dict(num_attention_heads=0), dict(num_hidden_layers=-1)):
+        with pytest.raises(ValueError, match="must all be at least 1"):
+            tiny_config(**shape)
+    with pytest.raises(ValueError, match=r"token_dropout_prob=1.5 must be in \[0, 1\]"):
+        tiny_config(token_dropout_prob=1.5)
     with pytest.raises(ValueError, match="unknown GPT size 'M'"):
         FullVQGPTConfig.from_size("M")
     with pytest.raises(ValueError, match="guidance_schedule='cosine'"):

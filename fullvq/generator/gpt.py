@@ -5,7 +5,7 @@ Llama supplies the blocks (RMSNorm, SwiGLU, SDPA attention, KV cache); this file
 prefix, the image-token embedding and head over the codebook, LlamaGen's dropouts, and a 2D
 rotary embedding that replaces Llama's 1D one in ``model.rotary_emb``.
 
-(About 490 lines, over the house's ~450: the config, the 2D rotary embedding it derives and the
+(About 500 lines, over the house's ~450: the config, the 2D rotary embedding it derives and the
 model's checked, cached and compiled entry points are read together.)
 """
 
@@ -97,6 +97,16 @@ class FullVQGPTConfig(PretrainedConfig):
             raise ValueError(
                 f"codebook_size={codebook_size} and num_classes={num_classes} must both be at least 1"
             )
+        shape = dict(hidden_size=hidden_size, num_hidden_layers=num_hidden_layers,
+                     num_attention_heads=num_attention_heads)
+        if min(shape.values()) < 1:
+            raise ValueError(", ".join(f"{k}={v}" for k, v in shape.items()) + " must all be at least 1")
+        dropouts = dict(class_dropout_prob=class_dropout_prob, token_dropout_prob=token_dropout_prob,
+                        residual_dropout_prob=residual_dropout_prob, ffn_dropout_prob=ffn_dropout_prob,
+                        attention_dropout=attention_dropout)
+        for key, value in dropouts.items():
+            if not 0 <= value <= 1:
+                raise ValueError(f"{key}={value} must be in [0, 1]")
         if hidden_size % num_attention_heads:
             raise ValueError(
                 f"hidden_size={hidden_size} is not divisible by num_attention_heads={num_attention_heads}; "
