@@ -237,13 +237,15 @@ def test_3_clipping_is_off_with_zero_or_null():
     ("model.quantizer_kwargs.group_size=7", "model: codebook_size=64 is not divisible"),
     ("model.norm_num_groups=7", "model: block_out_channels"), ("loss.gan_loss=foo", "loss: gan_loss='foo'"),
     ("data.source=/no/such/folder", "data: dataset path '/no/such/folder' does not exist"),
+    ("codebook_path=RECIPE", "codebook_path: "),  # an lc codebook that is no checkpoint
 ])
 def test_3_settings_a_model_loss_or_data_source_refuses_exit_2_naming_the_section(override, named, tmp_path, capsys):
     from fullvq.commands.train_tokenizer import main
 
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe(tmp_path)))
-    assert main([str(path), override]) == 2
+    override = override.replace("RECIPE", f"{path} model.quantizer=lc")
+    assert main([str(path), *override.split()]) == 2
     assert f"error: {named}" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 

@@ -94,7 +94,7 @@ class TokenizerStage(TrainingStage):
         device = trainer.accelerator.device
         model = build_section("model", FVQModel, config.model)
         if config.codebook_path is not None:
-            model.quantize.load_codebook(config.codebook_path)
+            build_section("codebook_path", model.quantize.load_codebook, {"source": config.codebook_path})
         resolution = config.data.resolution
         if resolution % model.downsample_factor:
             raise ConfigError(f"data.resolution={resolution} is not divisible by the tokenizer's downsample factor "
