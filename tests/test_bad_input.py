@@ -361,6 +361,16 @@ def test_8_a_refused_resume_leaves_the_run_as_it_was(change, finished, tmp_path)
     assert snapshot(run) == before
 
 
+@pytest.mark.parametrize("resume", ["latest", "checkpoint-4", "checkpoint-2"])
+def test_8_a_checkpoint_past_max_steps_is_refused_and_the_finished_model_kept(resume, finished, tmp_path):
+    run = copy_run(finished, tmp_path)
+    before = snapshot(run)
+    resume = resume if resume == "latest" else str(run / resume)
+    with pytest.raises(ConfigError, match=r"checkpoint-\d.*past this run's 1 steps.*max_steps"):
+        train(tmp_path, recipe(tmp_path, max_steps=1), f"train.resume={resume}")
+    assert snapshot(run) == before
+
+
 # ----------------------------------------------------------------------------- 9. full disk
 
 

@@ -304,6 +304,10 @@ class Trainer:
                 from None
         state = json.loads((folder / "trainer_state.json").read_text())
         self.step = int(state["step"])
+        if self.step > self.total_steps:  # else model/ would be rewritten from an older or other run's weights
+            raise CheckpointError(f"cannot resume from {folder}: it is at step {self.step}, past this run's "
+                                  f"{self.total_steps} steps; raise train.max_steps (or train.epochs) to train on, "
+                                  f"or use the finished model in {self.output_dir / 'model'} as it is")
         if self.ema is not None:
             from safetensors.torch import load_file
 
