@@ -106,6 +106,24 @@ class FolderInUseError(RuntimeError):
     """Another live process holds a folder's lock; the message names it."""
 
 
+class OutputFolderError(OSError):
+    """An output folder that cannot be made: a file of that name, no permission, a read-only disk."""
+
+
+def make_output_folder(folder: str | os.PathLike) -> Path:
+    """Create ``folder`` (and its parents) for a command's output; returns it as a Path. Raises
+    ``OutputFolderError`` naming the folder when that path is a file or cannot be created."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise OutputFolderError(f"the output {folder} is a file, not a folder; choose a folder for the output")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise OutputFolderError(f"cannot create the output folder {folder}: {error.strerror or error}; "
+                                "choose a folder you can write to") from error
+    return folder
+
+
 class FolderLock:
     """The exclusive lock on a folder, held until ``release()`` (or the process ends: the kernel drops
     an ``flock`` with its holder, so a killed run never leaves a lock that blocks the next one)."""
@@ -155,7 +173,7 @@ def hold_folder(folder: str | os.PathLike, what: str = "run", log=None) -> Folde
 
     folder = Path(folder)
     created = not folder.exists()
-    folder.mkdir(parents=True, exist_ok=True)
+    make_output_folder(folder)
     path = folder / LOCK_FILE
     while True:
         descriptor = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)

@@ -250,6 +250,26 @@ def test_3_settings_a_model_loss_or_data_source_refuses_exit_2_naming_the_sectio
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize("command", ["train-tokenizer", "sample", "cache-tokens"])
+def test_3_an_output_that_is_a_file_is_refused_before_any_work_naming_it(command, tmp_path, capsys):
+    from fullvq.cli import main
+
+    taken = tmp_path / "notes.txt"
+    taken.write_text("mine")
+    if command == "train-tokenizer":
+        path = tmp_path / "recipe.yaml"
+        path.write_text(yaml.safe_dump(recipe(tmp_path)))
+        argv = [str(path), f"train.output_dir={taken}"]
+    elif command == "sample":
+        argv = [str(_tiny_pipeline_folder(tmp_path / "pipe")), "--labels", "0", "--output", str(taken)]
+    else:
+        argv = ["--tokenizer", str(_tiny_tokenizer_folder(tmp_path / "tok")), "--data", str(image_folder(
+            tmp_path / "images")), "--output", str(taken)]
+    assert main([command, *argv]) == 2
+    assert f"the output {taken} is a file, not a folder" in capsys.readouterr().err
+    assert taken.read_text() == "mine"
+
+
 # ----------------------------------------------------------------------------- 4. optional keys are typed
 
 

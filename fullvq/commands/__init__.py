@@ -14,10 +14,11 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from ..io import DiskFullError, FolderInUseError
+from ..io import DiskFullError, FolderInUseError, OutputFolderError
 
-# What every command reports this way: a full disk, a folder another run holds (fullvq.io; both light).
-COMMON_ERRORS = (DiskFullError, FolderInUseError)
+# What every command reports this way: a full disk, a folder another run holds, an output folder
+# that cannot be made (fullvq.io; all light).
+COMMON_ERRORS = (DiskFullError, FolderInUseError, OutputFolderError)
 
 
 def run(parser: argparse.ArgumentParser, argv: Sequence[str] | None, job: Callable[[argparse.Namespace], int | None],

@@ -28,7 +28,7 @@ from ..eval.pixel import psnr
 from ..eval.reference import ReferenceStatistics
 from ..eval.scores import frechet_distance
 from ..images import from_unit_range, save_image_grid, save_usage_histogram, to_uint8
-from ..io import write_text
+from ..io import make_output_folder, write_text
 from ..pipelines.autoregressive import FullVQPipeline
 from ..tokenizer import CodebookUsage, FVQModel
 from .cache_tokens import cache_tokens
@@ -160,8 +160,7 @@ def run_demo(output: str | os.PathLike = "fullvq-demo", *, fast: bool = False, s
     """Both stages end to end on the built-in digits, then the measurements; returns the figures
     (also ``<output>/demo.json``). Re-running with the same ``output`` resumes or reuses what is there."""
     size = FAST if fast else FULL
-    out = Path(output)
-    out.mkdir(parents=True, exist_ok=True)
+    out = make_output_folder(output)
     start = time.perf_counter()
     print("[1/4] training the tokenizer (fvq, 1,024 codes)")
     tokenizer_dir = train_demo_tokenizer(out, size, seed)

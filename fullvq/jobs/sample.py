@@ -13,7 +13,7 @@ from pathlib import Path
 import torch
 
 from ..images import from_unit_range, save_image_grid
-from ..io import atomic_file
+from ..io import atomic_file, make_output_folder
 from ..pipelines import load_pipeline
 from ..precision import inference_dtype
 
@@ -40,14 +40,13 @@ def sample_to_folder(
     from torchvision.utils import save_image
 
 
+    output = make_output_folder(output)  # before the work: an output that is a file fails now, not after it
     pipe = load_pipeline(pipeline, dtype=inference_dtype(device, dtype)).to(device)
     options = pipe.sampling_options(**options)
     ids = pipe.get_label_ids(labels)
     images = pipe(ids, num_images_per_label=num_images_per_label, **options,
                   generator=torch.Generator().manual_seed(seed), batch_size=batch_size, output_type="pt").images
 
-    output = Path(output)
-    output.mkdir(parents=True, exist_ok=True)
     written: dict[int, int] = {}  # class id -> images written, so a repeated label does not overwrite
     paths = []
     for label, image in zip((i for i in ids for _ in range(num_images_per_label)), images, strict=True):
