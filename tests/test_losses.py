@@ -154,6 +154,8 @@ def test_missing_vgg_weights_offline_say_what_to_put_where(tmp_path):
     message = str(error.value)
     assert str(vgg16_cache_path()) in message and str(tmp_path / "torch_home") in message
     assert "vgg16-397923af.pth" in message and VGG16_WEIGHTS_ENV in message and "perceptual_weight=0" in message
+    # the same message reaches eval rfid, whose flags it names beside the recipe keys
+    assert "--lpips-weights PATH" in message and "--no-lpips" in message and "loss.vgg_weights" in message
     with pytest.raises(FileNotFoundError, match="not a file"):
         PerceptualLoss(vgg_weights=tmp_path / "nowhere.pth")
 

@@ -130,8 +130,9 @@ def _missing_vgg16_message(reason: str) -> str:
         f"LPIPS needs torchvision's ImageNet VGG16 weights and {reason}. Either put "
         f"{os.path.basename(VGG16_URL)} (from {VGG16_URL}, or written with "
         "torch.save(torchvision.models.vgg16(weights='IMAGENET1K_V1').state_dict(), path) on a machine "
-        f"with internet) at {vgg16_cache_path()}; or pass vgg_weights=PATH / set {VGG16_WEIGHTS_ENV}=PATH to "
-        "such a file (.pth or .safetensors); or set perceptual_weight=0 to train without LPIPS"
+        f"with internet) at {vgg16_cache_path()}; or name such a file (.pth or .safetensors) with "
+        f"{VGG16_WEIGHTS_ENV}=PATH, loss.vgg_weights=PATH in a recipe or --lpips-weights PATH for eval rfid; "
+        "or turn LPIPS off: loss.perceptual_weight=0 in a recipe, --no-lpips for eval rfid"
     )
 
 
