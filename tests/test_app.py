@@ -83,6 +83,17 @@ def test_a_tokenizer_folder_gets_the_tokenize_tab_only(pipe, tmp_path):
         load_models(tmp_path)
 
 
+def test_a_pipeline_folder_missing_a_component_is_named_as_such(pipe, tmp_path):
+    import shutil
+
+    from fullvq.jobs.app import load_models
+
+    pipe.save_pretrained(tmp_path / "pipeline")
+    shutil.rmtree(tmp_path / "pipeline" / "tokenizer")
+    with pytest.raises(FileNotFoundError, match=r"pipeline[/\\]tokenizer has no config.json"):
+        load_models(tmp_path / "pipeline")
+
+
 def test_uploads_are_checked_before_decoding_and_tokenized_at_the_models_size(pipe, files):
     with pytest.raises(ValueError, match="notes.txt is not an image"):
         read_upload(files / "notes.txt")

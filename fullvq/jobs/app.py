@@ -26,8 +26,8 @@ def load_models(path: str | os.PathLike, device: str = "cpu"):
     from ..cards import describe_folder
 
     path = Path(path)
-    try:
-        kind = describe_folder(path)["kind"]
+    try:  # a pipeline folder goes to its loader even when a component is damaged: that names the fault
+        kind = "pipeline" if (path / "model_index.json").is_file() else describe_folder(path)["kind"]
     except ValueError:
         kind = None
     if kind == "pipeline":
