@@ -1,5 +1,6 @@
 import json
 
+import pytest
 import torch
 
 from fullvq.cli import COMMANDS, main
@@ -114,3 +115,14 @@ def test_help_answers_without_importing_torch_or_diffusers():
     """)
     run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0 and run.stdout.strip() == "light", run.stderr[-2000:]
+
+
+@pytest.mark.parametrize("argv, flag", [
+    (["cache-tokens", "--tokenizer", "t", "--data", "demo", "--output", "o", "--resolution", "0"], "--resolution"),
+    (["cache-tokens", "--tokenizer", "t", "--data", "demo", "--output", "o", "--num-workers", "-2"], "--num-workers"),
+    (["eval", "rfid", "--tokenizer", "t", "--data", "demo", "--output", "o", "--batch-size", "0"], "--batch-size"),
+    (["init-codebook", "--encoder", "e", "--data", "d", "--num-codes", "0", "--output", "o"], "--num-codes"),
+])
+def test_a_zero_or_negative_count_flag_is_a_usage_error_naming_the_flag(argv, flag, capsys):
+    assert main(argv) == 2
+    assert f"argument {flag}: " in capsys.readouterr().err

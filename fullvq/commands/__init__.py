@@ -76,6 +76,22 @@ class CommandParser(argparse.ArgumentParser):
         super().__init__(*args, **kwargs)
 
 
+def int_at_least(low: int) -> Callable[[str], int]:
+    """An argparse ``type`` for a count or size flag: an int >= ``low``, else argparse's usage error
+    (exit status 2, naming the flag) before any work."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid int value: {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"{value} must be >= {low}")
+        return value
+
+    parse.__name__ = f"int >= {low}"
+    return parse
+
+
 def command_parser(prog: str, description: str | None) -> argparse.ArgumentParser:
     """A command's parser; ``description`` (its module docstring) is shown as written."""
     return CommandParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)

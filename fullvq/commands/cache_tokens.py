@@ -15,7 +15,7 @@ import argparse
 from pathlib import Path
 
 from ..config import ConfigError
-from . import add_renamed, command_parser, run
+from . import add_renamed, command_parser, int_at_least, run
 
 # The views the job knows (fullvq.jobs.cache_tokens.AUGMENTATIONS; a test keeps them equal).
 AUGMENTATIONS = ("none", "flip", "ten-crop")
@@ -27,16 +27,16 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
     add_renamed(parser, "--data", "--source", required=True,
                 help="image folder, save_to_disk folder, parquet file, hub dataset name, or demo")
     parser.add_argument("--output", required=True, type=Path, help="cache folder to write (or to finish)")
-    parser.add_argument("--resolution", type=int, default=None,
+    parser.add_argument("--resolution", type=int_at_least(1), default=None,
                         help="image side in pixels (default: the tokenizer's sample_size)")
     parser.add_argument("--augmentation", default="flip", choices=AUGMENTATIONS,
                         help="views per image: centre crop only, + its mirror (default), or LlamaGen's ten crops")
     parser.add_argument("--split", default="train")
     parser.add_argument("--image-column", default=None)
     parser.add_argument("--label-column", default=None)
-    parser.add_argument("--batch-size", type=int, default=64, help="images per encoder batch, per process")
-    parser.add_argument("--shard-size", type=int, default=10_000, help="images per shard folder")
-    parser.add_argument("--num-workers", type=int, default=None,
+    parser.add_argument("--batch-size", type=int_at_least(1), default=64, help="images per encoder batch, per process")
+    parser.add_argument("--shard-size", type=int_at_least(1), default=10_000, help="images per shard folder")
+    parser.add_argument("--num-workers", type=int_at_least(0), default=None,
                         help="DataLoader workers decoding images (default: 8 with a GPU, 0 without)")
     add_renamed(parser, "--max-images", "--limit", type=int, default=None, help="cache only the first N images")
     parser.add_argument("--latents", action="store_true",

@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 
-from . import add_renamed, command_parser, run
+from . import add_renamed, command_parser, int_at_least, run
 
 # fullvq.eval.inception.INCEPTION_WEIGHTS_ENV (a test keeps them equal, so --help stays light).
 INCEPTION_WEIGHTS_ENV = "FULLVQ_INCEPTION_WEIGHTS"
@@ -42,10 +42,11 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     rfid.add_argument("--split", default="train", help="dataset split (default: train)")
     add_renamed(rfid, "--max-images", "--num-images", type=int, default=None, help="evaluate only the first N images")
     rfid.add_argument("--output", required=True, help="folder for report.json and the PNGs")
-    rfid.add_argument("--batch-size", type=int, default=32)
+    rfid.add_argument("--batch-size", type=int_at_least(1), default=32)
     rfid.add_argument("--no-lpips", action="store_true", help="skip LPIPS (no VGG16 weights needed)")
     rfid.add_argument("--lpips-weights", default=None, help="torchvision VGG16 weights for LPIPS (see README)")
-    rfid.add_argument("--num-grid", type=int, default=8, help="worst / best reconstructions shown (default: 8)")
+    rfid.add_argument("--num-grid", type=int_at_least(0), default=8,
+                      help="worst / best reconstructions shown (default: 8)")
 
     gfid = commands.add_parser("gfid", help="generate a class-balanced set: gFID, IS, KID, precision, recall")
     gfid.add_argument("--pipeline", required=True,
@@ -53,9 +54,9 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--reference", required=True,
                       help="image folder, build_dataset source, or .npz with mu/sigma (ADM batch or reference-stats)")
     gfid.add_argument("--output", required=True, help="folder for report.json, samples/ and samples.png")
-    gfid.add_argument("--images-per-class", type=int, default=50, help="N images per class (default: 50)")
+    gfid.add_argument("--images-per-class", type=int_at_least(1), default=50, help="N images per class (default: 50)")
     gfid.add_argument("--classes", type=_classes, default=None, help="class ids, e.g. 0,1,2 (default: all)")
-    gfid.add_argument("--batch-size", type=int, default=32)
+    gfid.add_argument("--batch-size", type=int_at_least(1), default=32)
     gfid.add_argument("--seed", type=int, default=0)
     gfid.add_argument("--guidance-scale", type=float, default=None,
                       help="classifier-free guidance (default: the pipeline's, 2.0 GPT, 4.0 DiT / flow)")
@@ -67,7 +68,7 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     gfid.add_argument("--snap-to-codebook", action="store_const", const=True, default=None,
                       help="DiT / flow pipelines: decode the nearest codes of the generated latents")
     gfid.add_argument("--reference-split", default="train")
-    gfid.add_argument("--reference-resolution", type=int, default=None,
+    gfid.add_argument("--reference-resolution", type=int_at_least(1), default=None,
                       help="centre-crop reference images to R x R (default: datasets to the samples' size, "
                            "folders as they are)")
     add_renamed(gfid, "--reference-max-images", "--reference-limit", type=int, default=None,
@@ -85,7 +86,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
     stats = commands.add_parser("reference-stats", help="write Inception statistics (+ features) of a reference set")
     add_renamed(stats, "--data", "--reference", required=True, help="image folder, build_dataset source, or ADM .npz")
     stats.add_argument("--output", required=True, help=".npz file to write (use it as gfid --reference)")
-    stats.add_argument("--resolution", type=int, default=None, help="centre-crop to R x R (required for datasets)")
+    stats.add_argument("--resolution", type=int_at_least(1), default=None,
+                       help="centre-crop to R x R (required for datasets)")
     stats.add_argument("--split", default="train")
     add_renamed(stats, "--max-images", "--limit", type=int, default=None, help="use only the first N images")
 
@@ -101,8 +103,8 @@ def build_parser(prog: str = "fullvq eval") -> argparse.ArgumentParser:
         commands.choices[choice.dest].description = choice.help
     for sub in (rfid, gfid, stats):
         sub.add_argument("--inception-weights", default=None, help=_WEIGHTS_HELP)
-        sub.add_argument("--inception-batch-size", type=int, default=50)
-        sub.add_argument("--num-workers", type=int, default=None,
+        sub.add_argument("--inception-batch-size", type=int_at_least(1), default=50)
+        sub.add_argument("--num-workers", type=int_at_least(0), default=None,
                          help="DataLoader workers decoding images (default: 8 with a GPU, 0 without)")
     return parser
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import argparse
 
-from . import add_renamed, command_parser, run
+from . import add_renamed, command_parser, int_at_least, run
 
 # The choices the job checks again (fullvq.tokenizer.kmeans.INITS, patch_features.FEATURE_SPACES); a
 # test keeps them equal, so --help stays light.
@@ -23,7 +23,7 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                         "(CLIP vision, DINOv2, SigLIP, ViT)")
     parser.add_argument("--data", required=True,
                         help="image folder (one sub-folder per class), hub dataset name or 'demo'")
-    parser.add_argument("--num-codes", type=int, required=True, help="codebook size N")
+    parser.add_argument("--num-codes", type=int_at_least(1), required=True, help="codebook size N")
     add_renamed(parser, "--output", "--out", required=True,
                 help="output .safetensors file (key 'codebook', float32 N x D)")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
@@ -33,11 +33,11 @@ def build_parser(prog: str) -> argparse.ArgumentParser:
                 help="encoder input side in pixels (default: its processor / config)")
     parser.add_argument("--feature-space", choices=FEATURE_SPACES, default="hidden",
                         help="hidden: last hidden state (default); projected: CLIP's projection head")
-    parser.add_argument("--pool-factor", type=int, default=1,
+    parser.add_argument("--pool-factor", type=int_at_least(1), default=1,
                         help="average-pool the patch grid this much per side (VQGAN-LC: 4)")
     parser.add_argument("--features-per-image", type=int, default=None, help="random patch features kept per image")
     parser.add_argument("--max-images", type=int, default=None, help="random images used (per class with --per-class)")
-    parser.add_argument("--iters", type=int, default=20, help="maximum k-means updates (default: 20)")
+    parser.add_argument("--iters", type=int_at_least(1), default=20, help="maximum k-means updates (default: 20)")
     parser.add_argument("--tol", type=float, default=1e-4, help="stop when inertia falls by less than this fraction")
     parser.add_argument("--init", choices=INITS, default="k-means++", help="centre initialisation")
     parser.add_argument("--seed", type=int, default=0)
