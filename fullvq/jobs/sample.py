@@ -39,7 +39,6 @@ def sample_to_folder(
     guidance and latents in float32)."""
     from torchvision.utils import save_image
 
-
     output = make_output_folder(output)  # before the work: an output that is a file fails now, not after it
     pipe = load_pipeline(pipeline, dtype=inference_dtype(device, dtype)).to(device)
     options = pipe.sampling_options(**options)
